@@ -1,0 +1,1 @@
+"""slack-gpt-bot: a Slack bot that answers in threads with an OpenAI-compatible chat model."""

@@ -1,0 +1,203 @@
+"""The composition root: builds every client from ``Settings``, wires Bolt to the pipeline, serves Slack.
+
+This is the only module that imports ``slack_bolt``. Bolt acknowledges each event before our listener
+runs, so nothing here (or after it) delays the ack. It also holds the single last-resort handler: any
+error that escapes the pipeline is logged with its traceback, and the user is told a fixed sentence,
+never the exception's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.conversation import Responder
+from bot.domain import Incoming
+from bot.errors import GENERIC_USER_MESSAGE, BotError
+from bot.history import RedisHistory, open_redis
+from bot.llm import OpenAIChat, make_client
+from bot.personas import FilePersonas
+from bot.settings import Settings
+from bot.slack import SlackAdapter, fetch_identity, parse_event
+from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def _secret(value: Any) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
+@dataclass
+class Bot:
+    """The running parts: the Bolt app and the pipeline behind it."""
+
+    app: AsyncApp
+    responder: Responder
+    slack: SlackAdapter
+    settings: Settings
+    in_flight: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def handle(self, incoming: Incoming) -> None:
+        """Answer one message; the last resort for anything the pipeline did not handle."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.in_flight.add(task)
+        try:
+            await self.responder.respond(incoming)
+        except BotError as exc:
+            log.warning("could not answer in %s: %s", incoming.key, exc)
+            if incoming.addressed:
+                await self._tell(incoming, exc.user_message)
+        except Exception:
+            log.exception("unexpected error while answering in %s", incoming.key)
+            if incoming.addressed:
+                await self._tell(incoming, GENERIC_USER_MESSAGE)
+        finally:
+            if task is not None:
+                self.in_flight.discard(task)
+
+    async def _tell(self, incoming: Incoming, text: str) -> None:
+        try:
+            await self.slack.post(incoming, f":warning: {text}")
+        except Exception as exc:  # Slack itself may be what failed; the log is all that is left
+            log.error("could not tell the user about the error either: %s", type(exc).__name__)
+
+    async def drain(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Wait for answers in progress to finish, up to ``grace_seconds``."""
+        if self.in_flight:
+            await asyncio.wait(set(self.in_flight), timeout=grace_seconds)
+
+
+@contextlib.asynccontextmanager
+async def build(settings: Settings) -> AsyncIterator[Bot]:
+    """Every client the bot needs, connected and checked, and the Bolt app wired to the pipeline."""
+    encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
+    counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
+    personas = FilePersonas.load(settings.system_prompt, settings.personas_file)
+    openai_client = make_client(
+        api_key=_secret(settings.openai_api_key),
+        base_url=settings.openai_base_url,
+        organization=settings.openai_org_id,
+        project=settings.openai_project_id,
+        timeout_seconds=settings.openai_timeout_seconds,
+        max_retries=settings.openai_max_retries,
+    )
+    web_client = AsyncWebClient(
+        token=_secret(settings.slack_bot_token),
+        base_url=settings.slack_api_url,
+        retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+    )
+    async with open_redis(settings.redis_url, settings.data_dir) as redis_client:
+        history = RedisHistory(
+            redis_client,
+            counter,
+            prefix=settings.redis_prefix,
+            ttl_seconds=settings.history_ttl_seconds,
+            max_turns=settings.history_max_messages,
+        )
+        identity = await fetch_identity(web_client)
+        slack = SlackAdapter(
+            web_client,
+            history,
+            bot_user_id=identity["user_id"],
+            bot_id=identity["bot_id"],
+            stream_mode=settings.stream_mode,
+        )
+        responder = Responder(
+            history=history,
+            model=OpenAIChat(
+                openai_client, default_model=settings.openai_model, max_reply_tokens=settings.max_reply_tokens
+            ),
+            slack=slack,
+            personas=personas,
+            counter=counter,
+            max_prompt_tokens=settings.max_prompt_tokens,
+        )
+        bot = Bot(_bolt_app(settings, web_client, identity), responder, slack, settings)
+        _listen(bot, identity)
+        log.info(
+            "ready: team %s, bot user %s, encoding %s", identity["team_id"], identity["user_id"], encoding
+        )
+        try:
+            yield bot
+        finally:
+            await bot.drain()
+            await openai_client.close()
+
+
+def _bolt_app(settings: Settings, web_client: AsyncWebClient, identity: dict[str, str]) -> AsyncApp:
+    bot_token = web_client.token
+
+    async def authorize(**_: Any) -> AuthorizeResult:
+        # auth.test was called once at start-up; answering from it keeps Slack calls out of the ack path.
+        return AuthorizeResult(
+            enterprise_id=None,
+            team_id=identity["team_id"],
+            bot_user_id=identity["user_id"],
+            bot_id=identity["bot_id"],
+            bot_token=bot_token,
+        )
+
+    return AsyncApp(
+        client=AsyncWebClient(base_url=settings.slack_api_url),
+        authorize=authorize,
+        signing_secret=_secret(settings.slack_signing_secret),
+    )
+
+
+def _listen(bot: Bot, identity: dict[str, str]) -> None:
+    async def on_message(body: dict[str, Any], event: dict[str, Any]) -> None:
+        team = body.get("team_id") or identity["team_id"]
+        incoming = parse_event(event, team=team, bot_user_id=identity["user_id"])
+        if incoming is not None:
+            await bot.handle(incoming)
+
+    # A mention in a channel arrives twice (app_mention and message); the pipeline answers it once.
+    bot.app.event("app_mention")(on_message)
+    bot.app.event("message")(on_message)
+
+
+async def serve_socket_mode(bot: Bot, stop: asyncio.Event) -> None:
+    """Receive events over Socket Mode until ``stop`` is set."""
+    handler = AsyncSocketModeHandler(bot.app, _secret(bot.settings.slack_app_token))
+    await handler.connect_async()  # type: ignore[no-untyped-call]
+    log.info("connected to Slack in Socket Mode")
+    try:
+        await stop.wait()
+    finally:
+        await handler.close_async()  # type: ignore[no-untyped-call]
+
+
+async def serve_http(bot: Bot, stop: asyncio.Event, *, host: str, port: int) -> None:
+    """Serve the Events API at ``/slack/events`` (signatures verified by Bolt) until ``stop`` is set."""
+    runner = web.AppRunner(bot.app.web_app(path="/slack/events", port=port))
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("serving Slack events over HTTP on %s:%d/slack/events", host, port)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def run(settings: Settings, *, http: bool, host: str, port: int, stop: asyncio.Event) -> None:
+    """Start the bot and serve until ``stop`` is set, then let answers in progress finish."""
+    async with build(settings) as bot:
+        if http:
+            await serve_http(bot, stop, host=host, port=port)
+        else:
+            await serve_socket_mode(bot, stop)

@@ -1,0 +1,199 @@
+"""The pipeline: from one incoming Slack message to an answer streamed into its thread.
+
+``build_context`` is pure: persona + budget + stored history + new question -> the messages to send.
+``Responder.respond`` reads top to bottom as the flow in DESIGN.md: dedup, thread lock, participation,
+read a thread the bot has never seen, resolve the persona, build the context, stream the model's answer
+into Slack, store the question and answer. It does no I/O of its own; it talks to the protocols in
+``domain``, so its tests use small in-memory fakes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from bot.domain import (
+    ChatMessage,
+    ChatModel,
+    History,
+    Incoming,
+    Persona,
+    PersonaSource,
+    ReplyStream,
+    SlackPort,
+    StreamEnd,
+    TokenCounter,
+    Turn,
+)
+from bot.errors import ModelError
+from bot.tokens import REPLY_PRIMING_TOKENS
+
+log = logging.getLogger(__name__)
+
+EMPTY_MENTION_HINT = "Hi! Ask me something after the mention, e.g. _@me how do I rotate a Redis password?_"
+LENGTH_NOTE = "_(The answer was cut off at the reply token limit.)_"
+EMPTY_ANSWER = "_(The model returned an empty answer.)_"
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """The messages for one model call, and what trimming did to get there."""
+
+    messages: list[ChatMessage]
+    estimated_tokens: int
+    kept_turns: int
+    trimmed: bool
+
+
+def safety_margin(budget: int) -> int:
+    """Tokens held back from the budget, since the cookbook formula is an estimate."""
+    return max(16, budget // 100)
+
+
+def build_context(
+    system_prompt: str,
+    history: Sequence[Turn],
+    question: Turn,
+    budget: int,
+    counter: TokenCounter,
+) -> Context:
+    """System prompt + as many of the newest turns as fit + the question, within ``budget`` tokens.
+
+    ``history`` is newest first and carries each turn's stored token count, so nothing here re-encodes
+    it. The system prompt and the question are always kept; if they alone exceed the budget they are
+    truncated at a token boundary (the question first, the system prompt to no less than half).
+    """
+    available = budget - safety_margin(budget) - REPLY_PRIMING_TOKENS
+    system_tokens = counter.message_tokens("system", system_prompt)
+    question_content, question_tokens = question.content, question.tokens
+    if system_tokens + question_tokens > available:
+        if system_tokens > available // 2:
+            system_prompt = _shrink(
+                counter, "system", system_prompt, max(available // 2, available - question_tokens)
+            )
+            system_tokens = counter.message_tokens("system", system_prompt)
+        if system_tokens + question_tokens > available:
+            question_content = _shrink(counter, "user", question_content, available - system_tokens)
+            question_tokens = counter.message_tokens("user", question_content)
+
+    used = system_tokens + question_tokens
+    kept: list[Turn] = []
+    for turn in history:
+        if used + turn.tokens > available:
+            break
+        kept.append(turn)
+        used += turn.tokens
+
+    messages: list[ChatMessage] = [{"role": "system", "content": system_prompt}]
+    messages += [{"role": turn.role, "content": turn.content} for turn in reversed(kept)]
+    messages.append({"role": "user", "content": question_content})
+    return Context(messages, used + REPLY_PRIMING_TOKENS, len(kept), trimmed=len(kept) < len(history))
+
+
+def _shrink(counter: TokenCounter, role: str, content: str, max_message_tokens: int) -> str:
+    overhead = counter.message_tokens(role, "")
+    return counter.truncate(content, max(max_message_tokens - overhead, 0))
+
+
+class Responder:
+    """Answers incoming messages; one instance serves every thread."""
+
+    def __init__(
+        self,
+        *,
+        history: History,
+        model: ChatModel,
+        slack: SlackPort,
+        personas: PersonaSource,
+        counter: TokenCounter,
+        max_prompt_tokens: int,
+    ) -> None:
+        self.history = history
+        self.model = model
+        self.slack = slack
+        self.personas = personas
+        self.counter = counter
+        self.max_prompt_tokens = max_prompt_tokens
+
+    async def respond(self, incoming: Incoming) -> None:
+        """Answer ``incoming`` in its thread if it is for the bot; every other outcome is silence."""
+        if not await self.history.claim(incoming.key.team, incoming.dedup_key):
+            log.debug("duplicate delivery of %s ignored", incoming.dedup_key)
+            return
+        async with self.history.lock(incoming.key):
+            state = await self.history.state(incoming.key)
+            if not (incoming.addressed or state.active):
+                return
+            text = await self.slack.readable(incoming.key.team, incoming.text)
+            if not text.strip():
+                await self.slack.post(incoming, EMPTY_MENTION_HINT)
+                return
+            if incoming.in_thread and not (state.active or state.seeded):
+                await self._read_thread_first(incoming)
+            question = await self._question(incoming, text)
+            persona = await self.personas.resolve(incoming.key)
+            reply = self.slack.reply_stream(incoming)
+            try:
+                answer = await self._answer(incoming, persona, question, reply)
+            except ModelError as exc:
+                log.warning("model failed in %s: %s", incoming.key, exc)
+                await reply.fail(exc.user_message)
+                return
+            await self.history.append(incoming.key, [question, answer])
+
+    async def _read_thread_first(self, incoming: Incoming) -> None:
+        """The bot was mentioned in a thread it has never seen: store what was said before."""
+        earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
+        turns = [self._turn(m.role, m.text, m.ts, m.speaker_id, m.speaker_name) for m in earlier]
+        await self.history.seed(incoming.key, turns)
+        log.info("read %d earlier messages of thread %s", len(turns), incoming.key)
+
+    async def _question(self, incoming: Incoming, text: str) -> Turn:
+        name = await self.slack.display_name(incoming.key.team, incoming.user_id)
+        return self._turn("user", text, incoming.ts, incoming.user_id, name)
+
+    def _turn(self, role: str, text: str, ts: str, speaker_id: str = "", speaker_name: str = "") -> Turn:
+        unsized = Turn("user" if role == "user" else "assistant", text, 0, "", ts, speaker_id, speaker_name)
+        tokens = self.counter.message_tokens(unsized.role, unsized.content)
+        return Turn(unsized.role, text, tokens, self.counter.encoding_name, ts, speaker_id, speaker_name)
+
+    async def _answer(self, incoming: Incoming, persona: Persona, question: Turn, reply: ReplyStream) -> Turn:
+        """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""
+        budget = self.max_prompt_tokens
+        await reply.thinking()
+        while True:
+            history = await self.history.recent(incoming.key, budget)
+            context = build_context(persona.system_prompt, history, question, budget, self.counter)
+            try:
+                return await self._stream(context, persona, reply)
+            except ModelError as exc:
+                if exc.kind != "context_length" or budget < self.max_prompt_tokens:
+                    raise
+                log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
+                budget //= 2
+
+    async def _stream(self, context: Context, persona: Persona, reply: ReplyStream) -> Turn:
+        parts: list[str] = []
+        end = StreamEnd(finish_reason=None, usage=None)
+        async for piece in self.model.stream(context.messages, persona):
+            if isinstance(piece, StreamEnd):
+                end = piece
+            elif piece:
+                parts.append(piece)
+                await reply.append(piece)
+        text = "".join(parts)
+        if not text:
+            await reply.append(EMPTY_ANSWER)
+        await reply.finish(LENGTH_NOTE if end.finish_reason == "length" else None)
+        if end.usage is not None:
+            log.info(
+                "reply: %d prompt tokens (estimated %d, %+d), %d completion tokens, %d turns kept%s",
+                end.usage.prompt_tokens,
+                context.estimated_tokens,
+                end.usage.prompt_tokens - context.estimated_tokens,
+                end.usage.completion_tokens,
+                context.kept_turns,
+                ", older trimmed" if context.trimmed else "",
+            )
+        return self._turn("assistant", text, "")

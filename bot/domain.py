@@ -1,0 +1,212 @@
+"""The plain values that cross the bot's seams, and the small protocols the pipeline talks to.
+
+Nothing here does I/O. Adapters (``history``, ``llm``, ``slack``, ``personas``, ``tokens``) implement
+the protocols; ``conversation`` only ever sees these types, which is what lets it be tested with
+in-memory fakes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Literal, Protocol, TypedDict
+
+Role = Literal["user", "assistant"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadKey:
+    """Where a conversation lives: workspace, channel and the ts of the thread's parent message."""
+
+    team: str
+    channel: str
+    thread_ts: str
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One stored message of a thread, with its token cost counted once when it was stored."""
+
+    role: Role
+    text: str
+    tokens: int
+    encoding: str
+    ts: str = ""
+    speaker_id: str = ""
+    speaker_name: str = ""
+
+    @property
+    def content(self) -> str:
+        """The message as the model sees it: human turns carry their speaker's name."""
+        if self.role == "user" and self.speaker_name:
+            return f"{self.speaker_name}: {self.text}"
+        return self.text
+
+
+class ChatMessage(TypedDict):
+    """One message of a Chat Completions request."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A Slack message the bot may answer, already parsed from the event."""
+
+    key: ThreadKey
+    ts: str
+    user_id: str
+    text: str
+    addressed: bool
+    is_dm: bool
+
+    @property
+    def in_thread(self) -> bool:
+        """True when the message is a reply inside an existing thread, not the thread's parent."""
+        return self.key.thread_ts != self.ts
+
+    @property
+    def dedup_key(self) -> str:
+        """Identifies the message itself: app_mention and message events for it share this key."""
+        return f"{self.key.channel}:{self.ts}"
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """A system prompt and the model parameters it sets; ``None`` means "not sent to the API"."""
+
+    name: str
+    system_prompt: str
+    model: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token usage as the API reported it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd:
+    """The last item of a model stream: why it ended and what it cost."""
+
+    finish_reason: str | None
+    usage: Usage | None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadState:
+    """What the store knows about a thread besides its turns."""
+
+    active: bool
+    seeded: bool
+
+
+class TokenCounter(Protocol):
+    """Counts chat-message tokens with one encoding."""
+
+    @property
+    def encoding_name(self) -> str: ...
+
+    def message_tokens(self, role: str, content: str) -> int:
+        """Tokens one chat message costs in a prompt, overhead included."""
+        ...
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The longest prefix of ``text`` of at most ``max_tokens`` tokens, cut at a token boundary."""
+        ...
+
+
+class History(Protocol):
+    """Thread memory, event dedup and the per-thread lock."""
+
+    async def claim(self, team: str, dedup_key: str) -> bool:
+        """True the first time a message is seen, False for every redelivery."""
+        ...
+
+    def lock(self, key: ThreadKey) -> AbstractAsyncContextManager[None]:
+        """Hold the thread so replies in it happen one at a time, across replicas."""
+        ...
+
+    async def state(self, key: ThreadKey) -> ThreadState: ...
+
+    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
+        """Newest-first turns, reading only as many as can fill ``token_budget`` (plus one)."""
+        ...
+
+    async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        """Store a thread read from Slack and mark it seeded."""
+        ...
+
+    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        """Store a question and its answer and mark the bot as taking part in the thread."""
+        ...
+
+
+class ChatModel(Protocol):
+    """The model boundary: one method that yields text chunks, then a ``StreamEnd``."""
+
+    def stream(self, messages: Sequence[ChatMessage], persona: Persona) -> AsyncIterator[str | StreamEnd]: ...
+
+
+class PersonaSource(Protocol):
+    """Chooses the persona for a thread."""
+
+    async def resolve(self, key: ThreadKey) -> Persona: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SlackMessage:
+    """A message read back from a Slack thread, with markup already made readable."""
+
+    ts: str
+    role: Role
+    speaker_id: str
+    speaker_name: str
+    text: str
+
+
+class ReplyStream(Protocol):
+    """One answer being written into a thread."""
+
+    async def thinking(self) -> None:
+        """Show that the bot is working, where Slack allows it."""
+        ...
+
+    async def append(self, text: str) -> None: ...
+
+    async def finish(self, footnote: str | None = None) -> None:
+        """End the answer, adding ``footnote`` as its last line when given."""
+        ...
+
+    async def fail(self, message: str) -> None:
+        """End the answer with an explanation instead of (or after) partial text."""
+        ...
+
+
+class SlackPort(Protocol):
+    """What the pipeline needs from Slack."""
+
+    async def readable(self, team: str, text: str) -> str:
+        """Slack markup turned into plain readable text, the bot's own mention removed."""
+        ...
+
+    async def display_name(self, team: str, user_id: str) -> str: ...
+
+    async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]: ...
+
+    def reply_stream(self, incoming: Incoming) -> ReplyStream: ...
+
+    async def post(self, incoming: Incoming, text: str) -> None:
+        """Post one short message in the incoming message's thread."""
+        ...

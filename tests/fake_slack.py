@@ -1,0 +1,369 @@
+"""A fake Slack for tests that drive the real ``slack_sdk`` / ``slack_bolt`` clients over loopback.
+
+FakeSlack owns a small aiohttp server on 127.0.0.1 (random free port) that speaks just enough of Slack's
+Web API (``/api/<method>``: auth, chat posting/updating/streaming, thread history, users, views) and of
+the Socket Mode WebSocket (``/socket``: hello, ``events_api`` envelopes, acks) for
+``AsyncWebClient(base_url=fake.api_url)`` and bolt's ``AsyncSocketModeHandler`` to run unmodified. It
+records every Web API call, keeps an in-memory message store per channel (seeded with ``add_message``,
+written by the bot's posts and streams) and lets a test inject per-method errors via ``fail``. It owns
+nothing else: no client objects are patched or mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+
+TEAM_ID = "T0001"
+BOT_USER_ID = "UBOT"
+BOT_ID = "BBOT"
+APP_ID = "A0001"
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class Call:
+    """One Web API request as the fake received it."""
+
+    method: str  # e.g. "chat.postMessage"
+    args: dict[str, Any]  # query params + form fields (str) + JSON body (as parsed), merged
+    at: float  # time.monotonic() when received
+    token: str | None  # bearer token from the Authorization header
+
+
+class SlackError(Exception):
+    """Raised by a method handler to answer ``{"ok": false, "error": <str(self)>}``."""
+
+
+def _user(uid: str, name: str, real_name: str, *, is_bot: bool = False) -> dict[str, Any]:
+    profile = {"display_name": name, "real_name": real_name, "display_name_normalized": name}
+    user = {"id": uid, "team_id": TEAM_ID, "name": name, "real_name": real_name, "is_bot": is_bot}
+    return {**user, "deleted": False, "tz": "Europe/London", "profile": profile}
+
+
+def _chunk_text(chunks: Any) -> str:
+    if isinstance(chunks, str):  # form-encoded callers send JSON strings
+        chunks = json.loads(chunks)
+    if not isinstance(chunks, list):
+        return ""
+    return "".join(
+        c.get("text", "") for c in chunks if isinstance(c, dict) and c.get("type") == "markdown_text"
+    )
+
+
+class FakeSlack:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+        self.users: dict[str, dict[str, Any]] = {
+            "U1": _user("U1", "alice", "Alice Liddell"),
+            "U2": _user("U2", "bob", "Bob Builder"),
+            BOT_USER_ID: _user(BOT_USER_ID, "bot", "Bot", is_bot=True),
+        }
+        self.users[BOT_USER_ID]["profile"]["bot_id"] = BOT_ID
+        self.fail: dict[str, str] = {}
+        self.acks: dict[str, float] = {}
+        self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
+        self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
+        self._last_ts_us = 1_700_000_000_000_000
+        self._sent: dict[str, float] = {}  # envelope_id -> monotonic send time
+        self._sockets: list[web.WebSocketResponse] = []
+        self._runner: web.AppRunner | None = None
+        self._port = 0
+        self._handlers: dict[str, Handler] = {
+            "auth.test": self._auth_test,
+            "bots.info": self._bots_info,
+            "apps.connections.open": lambda _: {"url": f"ws://127.0.0.1:{self._port}/socket"},
+            "chat.postMessage": self._post_message,
+            "chat.update": self._update,
+            "chat.startStream": self._start_stream,
+            "chat.appendStream": self._append_stream,
+            "chat.stopStream": lambda args: self._append_stream(args, stop=True),
+            "assistant.threads.setStatus": lambda _: {},
+            "conversations.replies": self._replies,
+            "users.info": self._users_info,
+            "chat.postEphemeral": lambda _: {"message_ts": self._next_ts()},
+            "views.open": self._view,
+            "views.update": self._view,
+            "views.publish": self._view,
+        }
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_get("/socket", self._socket)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self._port = self._runner.addresses[0][1]
+
+    async def close(self) -> None:
+        for ws in list(self._sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}/api/"
+
+    # ---- inspection and seeding ------------------------------------------------------------------
+
+    def calls_to(self, method: str) -> list[Call]:
+        return [c for c in self.calls if c.method == method]
+
+    def add_message(
+        self,
+        channel: str,
+        *,
+        ts: str,
+        user: str | None,
+        text: str,
+        thread_ts: str | None = None,
+        bot_id: str | None = None,
+    ) -> None:
+        msg: dict[str, Any] = {"type": "message", "ts": ts, "text": text}
+        if user is not None:
+            msg["user"] = user
+        if thread_ts is not None:
+            msg["thread_ts"] = thread_ts
+        if bot_id is not None:
+            msg["bot_id"] = bot_id
+            if user is None:
+                msg["subtype"] = "bot_message"
+        self._messages.setdefault(channel, {})[ts] = msg
+        self._last_ts_us = max(self._last_ts_us, int(Decimal(ts) * 1_000_000))
+
+    def thread(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        msgs = self._messages.get(channel, {})
+        replies = [m for m in msgs.values() if m.get("thread_ts") == thread_ts and m["ts"] != thread_ts]
+        replies.sort(key=lambda m: Decimal(m["ts"]))
+        parent = msgs.get(thread_ts)
+        if parent is None:
+            return copy.deepcopy(replies)
+        head = copy.deepcopy(parent)
+        if replies:
+            head.update(thread_ts=thread_ts, reply_count=len(replies))
+        return [head, *copy.deepcopy(replies)]
+
+    async def wait_for(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float = 5.0,  # noqa: ASYNC109 - a poll deadline, part of the helper API
+        what: str = "",
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                seen = ", ".join(c.method for c in self.calls) or "none"
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {what or predicate!r}; calls: {seen}"
+                )
+            await asyncio.sleep(0.01)
+
+    # ---- Socket Mode -----------------------------------------------------------------------------
+
+    def event_callback(
+        self, event: dict[str, Any], *, event_id: str, team_id: str = TEAM_ID
+    ) -> dict[str, Any]:
+        auth = {
+            "enterprise_id": None,
+            "team_id": team_id,
+            "user_id": BOT_USER_ID,
+            "is_bot": True,
+            "is_enterprise_install": False,
+        }
+        return {
+            "token": "verif",
+            "team_id": team_id,
+            "api_app_id": APP_ID,
+            "event": event,
+            "type": "event_callback",
+            "event_id": event_id,
+            "event_time": int(time.time()),
+            "authorizations": [auth],
+            "is_ext_shared_channel": False,
+            "event_context": f"4-{uuid.uuid4().hex}",
+        }
+
+    async def send_event(
+        self, event: dict[str, Any], *, event_id: str | None = None, team_id: str = TEAM_ID
+    ) -> str:
+        event_id = event_id or f"Ev{uuid.uuid4().hex[:10].upper()}"
+        return await self._send_envelope(
+            "events_api", self.event_callback(event, event_id=event_id, team_id=team_id)
+        )
+
+    async def wait_ack(self, envelope_id: str, timeout: float = 5.0) -> float:  # noqa: ASYNC109
+        await self.wait_for(lambda: envelope_id in self.acks, timeout, f"ack of envelope {envelope_id}")
+        return self.acks[envelope_id] - self._sent[envelope_id]
+
+    async def _send_envelope(self, type_: str, payload: dict[str, Any]) -> str:
+        await self.wait_for(lambda: bool(self._sockets), 5.0, "a Socket Mode connection")
+        envelope_id = str(uuid.uuid4())
+        envelope = {
+            "envelope_id": envelope_id,
+            "type": type_,
+            "accepts_response_payload": False,
+            "retry_attempt": 0,
+            "retry_reason": "",
+            "payload": payload,
+        }
+        self._sent[envelope_id] = time.monotonic()
+        await self._sockets[-1].send_str(json.dumps(envelope))
+        return envelope_id
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        # autoping (the default) answers the SDK's "sdk-ping-pong:<t>" pings with matching pongs.
+        ws = web.WebSocketResponse(timeout=1.0)
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        try:
+            await ws.send_json(
+                {
+                    "type": "hello",
+                    "num_connections": len(self._sockets),
+                    "debug_info": {"host": "fake-slack", "approximate_connection_time": 3600},
+                    "connection_info": {"app_id": APP_ID},
+                }
+            )
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    envelope_id = json.loads(msg.data).get("envelope_id")
+                    if isinstance(envelope_id, str):
+                        self.acks[envelope_id] = time.monotonic()
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    # ---- Web API ---------------------------------------------------------------------------------
+
+    async def _api(self, request: web.Request) -> web.Response:
+        method = request.match_info["method"]
+        args: dict[str, Any] = dict(request.query.items())
+        if request.content_type == "application/json" and request.body_exists:
+            body = await request.json()
+            if isinstance(body, dict):
+                args.update(body)
+        elif request.content_type in ("application/x-www-form-urlencoded", "multipart/form-data"):
+            for key, value in (await request.post()).items():
+                args[key] = value if isinstance(value, str) else getattr(value, "filename", str(value))
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else args.pop("token", None)
+        self.calls.append(Call(method=method, args=args, at=time.monotonic(), token=token))
+        handler = self._handlers.get(method)
+        try:
+            if method in self.fail:
+                raise SlackError(self.fail[method])
+            if handler is None:
+                raise SlackError("unknown_method")
+            return web.json_response({"ok": True, **handler(args)})
+        except SlackError as e:
+            return web.json_response({"ok": False, "error": str(e)})
+
+    def _next_ts(self) -> str:
+        self._last_ts_us += 100
+        return f"{self._last_ts_us // 1_000_000}.{self._last_ts_us % 1_000_000:06d}"
+
+    def _find(self, args: dict[str, Any]) -> dict[str, Any]:
+        msg = self._messages.get(str(args.get("channel")), {}).get(str(args.get("ts")))
+        if msg is None:
+            raise SlackError("message_not_found")
+        return msg
+
+    def _bot_message(self, args: dict[str, Any], text: str) -> dict[str, Any]:
+        channel = args.get("channel")
+        if not channel:
+            raise SlackError("channel_not_found")
+        ts = self._next_ts()
+        self.add_message(
+            channel, ts=ts, user=BOT_USER_ID, text=text, thread_ts=args.get("thread_ts"), bot_id=BOT_ID
+        )
+        msg = self._messages[channel][ts]
+        msg["app_id"] = APP_ID
+        if "blocks" in args:
+            msg["blocks"] = args["blocks"]
+        return msg
+
+    def _auth_test(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "url": "https://fake.slack.com/",
+            "team": "Fake",
+            "user": "bot",
+            "team_id": TEAM_ID,
+            "user_id": BOT_USER_ID,
+            "bot_id": BOT_ID,
+            "is_enterprise_install": False,
+        }
+
+    def _bots_info(self, _: dict[str, Any]) -> dict[str, Any]:
+        bot = {"id": BOT_ID, "deleted": False, "name": "bot", "app_id": APP_ID, "user_id": BOT_USER_ID}
+        return {"bot": {**bot, "icons": {}}}
+
+    def _post_message(self, args: dict[str, Any]) -> dict[str, Any]:
+        msg = self._bot_message(args, args.get("markdown_text") or args.get("text") or "")
+        return {"channel": args["channel"], "ts": msg["ts"], "message": dict(msg)}
+
+    def _update(self, args: dict[str, Any]) -> dict[str, Any]:
+        msg = self._find(args)
+        msg["text"] = args.get("markdown_text") or args.get("text") or ""
+        if "blocks" in args:
+            msg["blocks"] = args["blocks"]
+        return {"channel": args["channel"], "ts": msg["ts"], "text": msg["text"], "message": dict(msg)}
+
+    def _start_stream(self, args: dict[str, Any]) -> dict[str, Any]:
+        if not args.get("thread_ts"):
+            raise SlackError("invalid_arguments")
+        msg = self._bot_message(args, (args.get("markdown_text") or "") + _chunk_text(args.get("chunks")))
+        self._streaming[(args["channel"], msg["ts"])] = True
+        return {"channel": args["channel"], "ts": msg["ts"]}
+
+    def _append_stream(self, args: dict[str, Any], *, stop: bool = False) -> dict[str, Any]:
+        msg = self._find(args)
+        key = (args["channel"], msg["ts"])
+        if not self._streaming.get(key):
+            raise SlackError("message_not_in_streaming_state")
+        msg["text"] += (args.get("markdown_text") or "") + _chunk_text(args.get("chunks"))
+        if "blocks" in args:
+            msg["blocks"] = args["blocks"]
+        self._streaming[key] = not stop
+        return {"channel": args["channel"], "ts": msg["ts"]}
+
+    def _replies(self, args: dict[str, Any]) -> dict[str, Any]:
+        messages = self.thread(str(args.get("channel")), str(args.get("ts")))
+        if not messages:
+            raise SlackError("thread_not_found")
+        limit = min(max(int(args.get("limit") or 100), 1), 1000)
+        cursor = str(args.get("cursor") or "")
+        if cursor and not (cursor.startswith("offset_") and cursor[7:].isdigit()):
+            raise SlackError("invalid_cursor")
+        start = int(cursor[7:]) if cursor else 0
+        page, more = messages[start : start + limit], start + limit < len(messages)
+        next_cursor = f"offset_{start + limit}" if more else ""
+        return {"messages": page, "has_more": more, "response_metadata": {"next_cursor": next_cursor}}
+
+    def _users_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        user = self.users.get(str(args.get("user")))
+        if user is None:
+            raise SlackError("user_not_found")
+        return {"user": copy.deepcopy(user)}
+
+    def _view(self, args: dict[str, Any]) -> dict[str, Any]:
+        view = args.get("view") or {}
+        if isinstance(view, str):
+            view = json.loads(view)
+        view_id = args.get("view_id") or f"V{uuid.uuid4().hex[:10].upper()}"
+        return {"view": {**view, "id": view_id, "team_id": TEAM_ID, "app_id": APP_ID, "bot_id": BOT_ID}}
