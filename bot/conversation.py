@@ -139,6 +139,9 @@ class Responder:
             except ModelError as exc:
                 log.warning("model failed in %s: %s", incoming.key, exc)
                 await reply.fail(exc.user_message)
+                # Keep the unanswered question (a "try again" needs it) and never re-read the thread,
+                # which now holds the bot's own error message.
+                await self.history.seed(incoming.key, [question])
                 return
             await self.history.append(incoming.key, [question, answer])
 

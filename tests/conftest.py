@@ -24,6 +24,7 @@ import redis.asyncio as redis
 
 from bot.app import Bot, build, serve_socket_mode
 from bot.settings import Settings
+from bot.tokens import TiktokenCounter, load_encoding
 from tests.fake_model import FakeModel
 from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
 
@@ -55,6 +56,12 @@ async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[redis.Redis
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def counter() -> TiktokenCounter:
+    """The bot's token counter for o200k_base, loaded offline like the bot does."""
+    return TiktokenCounter(load_encoding("o200k_base", Path(os.environ["TIKTOKEN_CACHE_DIR"])))
 
 
 @pytest.fixture
@@ -130,7 +137,7 @@ class Harness:
         **extra: Any,
     ) -> str:
         """A person posts ``text``: stored in the fake Slack and delivered as an event. Returns its ts."""
-        ts = ts or next_ts()
+        ts = ts or self.slack.next_ts()
         if mention:
             text = f"<@{BOT_USER_ID}> {text}"
         is_dm = channel.startswith("D")

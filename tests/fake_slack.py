@@ -91,7 +91,7 @@ class FakeSlack:
             "assistant.threads.setStatus": lambda _: {},
             "conversations.replies": self._replies,
             "users.info": self._users_info,
-            "chat.postEphemeral": lambda _: {"message_ts": self._next_ts()},
+            "chat.postEphemeral": lambda _: {"message_ts": self.next_ts()},
             "views.open": self._view,
             "views.update": self._view,
             "views.publish": self._view,
@@ -274,7 +274,7 @@ class FakeSlack:
         except SlackError as e:
             return web.json_response({"ok": False, "error": str(e)})
 
-    def _next_ts(self) -> str:
+    def next_ts(self) -> str:
         self._last_ts_us += 100
         return f"{self._last_ts_us // 1_000_000}.{self._last_ts_us % 1_000_000:06d}"
 
@@ -288,7 +288,7 @@ class FakeSlack:
         channel = args.get("channel")
         if not channel:
             raise SlackError("channel_not_found")
-        ts = self._next_ts()
+        ts = self.next_ts()
         self.add_message(
             channel, ts=ts, user=BOT_USER_ID, text=text, thread_ts=args.get("thread_ts"), bot_id=BOT_ID
         )

@@ -1,0 +1,8 @@
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY bot ./bot
+RUN pip install --no-cache-dir . && useradd --create-home bot && mkdir -p /app/data && chown bot /app/data
+USER bot
+ENV DATA_DIR=/app/data
+CMD ["slack-gpt-bot", "run"]

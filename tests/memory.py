@@ -1,0 +1,232 @@
+"""Small hand-written in-memory fakes of the protocols in ``bot.domain``, for unit tests of the pipeline.
+
+Each fake does the least that honours its protocol and records what it was asked, so tests assert on
+behaviour: ``MemoryHistory`` (turns, dedup, per-thread lock), ``ScriptedModel`` (scripted chunks or a
+scripted ``ModelError``), ``RecordingSlack`` with its ``RecordingReply``, ``StaticPersonas`` and
+``WordCounter`` (one word is one token). No ``unittest.mock`` anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from bot.domain import (
+    ChatMessage,
+    Incoming,
+    Persona,
+    SlackMessage,
+    StreamEnd,
+    ThreadKey,
+    ThreadState,
+    Turn,
+    Usage,
+)
+from bot.errors import ModelError, ModelErrorKind
+
+BOT_USER_ID = "UBOT"
+
+
+class MemoryHistory:
+    """Implements ``History`` in dictionaries; ``turns[key]`` is a thread's turns, oldest first."""
+
+    def __init__(self) -> None:
+        self.turns: defaultdict[ThreadKey, list[Turn]] = defaultdict(list)
+        self.claimed: set[tuple[str, str]] = set()
+        self.active: set[ThreadKey] = set()
+        self.seeded: set[ThreadKey] = set()
+        self.recent_budgets: list[int] = []  # the token_budget of every recent() call, in order
+        self._locks: defaultdict[ThreadKey, asyncio.Lock] = defaultdict(asyncio.Lock)
+
+    async def claim(self, team: str, dedup_key: str) -> bool:
+        if (team, dedup_key) in self.claimed:
+            return False
+        self.claimed.add((team, dedup_key))
+        return True
+
+    @asynccontextmanager
+    async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
+        async with self._locks[key]:
+            yield
+
+    async def state(self, key: ThreadKey) -> ThreadState:
+        return ThreadState(active=key in self.active, seeded=key in self.seeded)
+
+    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
+        """Newest first, stopping right after the turn that takes the total past ``token_budget``."""
+        self.recent_budgets.append(token_budget)
+        found: list[Turn] = []
+        total = 0
+        for turn in reversed(self.turns[key]):
+            found.append(turn)
+            total += turn.tokens
+            if total > token_budget:
+                break
+        return found
+
+    async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        self.turns[key].extend(turns)
+        self.seeded.add(key)
+
+    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
+        self.turns[key].extend(turns)
+        self.active.add(key)
+
+
+@dataclass
+class ModelCall:
+    """What one ``ScriptedModel.stream`` call was given."""
+
+    messages: list[ChatMessage]
+    persona: Persona
+
+
+@dataclass
+class _Script:
+    chunks: list[str]
+    end: StreamEnd
+    error: ModelError | None = None
+
+
+class ScriptedModel:
+    """Implements ``ChatModel``: each call plays the next scripted answer or raises the next error."""
+
+    def __init__(self) -> None:
+        self.calls: list[ModelCall] = []
+        self._scripts: list[_Script] = []
+
+    def answer(self, *chunks: str, finish_reason: str | None = "stop", usage: Usage | None = None) -> None:
+        """Queue an answer streamed as ``chunks``, then a ``StreamEnd``."""
+        self._scripts.append(_Script(list(chunks), StreamEnd(finish_reason, usage)))
+
+    def fail(self, kind: ModelErrorKind) -> None:
+        """Queue a call that raises ``ModelError(kind)`` before any text."""
+        self._scripts.append(_Script([], StreamEnd(None, None), ModelError(kind, "scripted")))
+
+    @property
+    def pending(self) -> int:
+        """Scripted calls not made yet."""
+        return len(self._scripts)
+
+    async def stream(
+        self, messages: Sequence[ChatMessage], persona: Persona
+    ) -> AsyncIterator[str | StreamEnd]:
+        self.calls.append(ModelCall(list(messages), persona))
+        if not self._scripts:
+            raise AssertionError("the model was called more often than scripted")
+        script = self._scripts.pop(0)
+        if script.error is not None:
+            raise script.error
+        for chunk in script.chunks:
+            yield chunk
+        yield script.end
+
+
+@dataclass
+class RecordingReply:
+    """Implements ``ReplyStream`` by recording each call as ``(method, argument)``."""
+
+    incoming: Incoming
+    events: list[tuple[str, str | None]] = field(default_factory=list)
+
+    async def thinking(self) -> None:
+        self.events.append(("thinking", None))
+
+    async def append(self, text: str) -> None:
+        self.events.append(("append", text))
+
+    async def finish(self, footnote: str | None = None) -> None:
+        self.events.append(("finish", footnote))
+
+    async def fail(self, message: str) -> None:
+        self.events.append(("fail", message))
+
+    @property
+    def text(self) -> str:
+        """Everything appended, joined."""
+        return "".join(arg or "" for name, arg in self.events if name == "append")
+
+    @property
+    def methods(self) -> list[str]:
+        """The names of the calls, in order."""
+        return [name for name, _ in self.events]
+
+
+_USER_MENTION = re.compile(r"<@(U[A-Z0-9]+)(?:\|[^>]*)?>")
+
+
+class RecordingSlack:
+    """Implements ``SlackPort`` from a name table and a scripted thread, recording what it is asked."""
+
+    def __init__(
+        self,
+        names: Mapping[str, str] | None = None,
+        thread: Sequence[SlackMessage] = (),
+        bot_user_id: str = BOT_USER_ID,
+    ) -> None:
+        self.names = dict(names or {})
+        self.thread = list(thread)
+        self.bot_user_id = bot_user_id
+        self.replies: list[RecordingReply] = []
+        self.posts: list[tuple[Incoming, str]] = []
+        self.thread_reads: list[ThreadKey] = []
+
+    async def readable(self, team: str, text: str) -> str:
+        def name(match: re.Match[str]) -> str:
+            user = match.group(1)
+            return "" if user == self.bot_user_id else "@" + self.names.get(user, user)
+
+        return re.sub(r"[ \t]{2,}", " ", _USER_MENTION.sub(name, text)).strip()
+
+    async def display_name(self, team: str, user_id: str) -> str:
+        return self.names.get(user_id, user_id)
+
+    async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]:
+        self.thread_reads.append(key)
+        return list(self.thread)
+
+    def reply_stream(self, incoming: Incoming) -> RecordingReply:
+        reply = RecordingReply(incoming)
+        self.replies.append(reply)
+        return reply
+
+    async def post(self, incoming: Incoming, text: str) -> None:
+        self.posts.append((incoming, text))
+
+
+class StaticPersonas:
+    """Implements ``PersonaSource``: a persona per channel, else the default."""
+
+    def __init__(self, default: Persona, channels: Mapping[str, Persona] | None = None) -> None:
+        self.default = default
+        self.channels = dict(channels or {})
+
+    async def resolve(self, key: ThreadKey) -> Persona:
+        return self.channels.get(key.channel, self.default)
+
+
+_WORD = re.compile(r"\S+")
+
+
+class WordCounter:
+    """Implements ``TokenCounter`` with one word per token and 3 + 1 (role) tokens of message overhead."""
+
+    @property
+    def encoding_name(self) -> str:
+        return "words"
+
+    def message_tokens(self, role: str, content: str) -> int:
+        return 3 + 1 + len(content.split())
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        """The prefix of ``text`` up to the end of its ``max_tokens``-th word."""
+        words = list(_WORD.finditer(text))
+        if len(words) <= max_tokens:
+            return text
+        if max_tokens <= 0:
+            return ""
+        return text[: words[max_tokens - 1].end()]

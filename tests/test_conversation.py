@@ -1,0 +1,478 @@
+"""The pipeline in ``bot.conversation``: ``build_context`` trimming and ``Responder.respond``, on in-memory fakes."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import get_args
+
+import pytest
+
+from bot.conversation import (
+    EMPTY_MENTION_HINT,
+    LENGTH_NOTE,
+    Responder,
+    build_context,
+    safety_margin,
+)
+from bot.domain import ChatMessage, Incoming, Persona, Role, SlackMessage, ThreadKey, Turn
+from bot.errors import ModelError, ModelErrorKind
+from bot.tokens import REPLY_PRIMING_TOKENS
+from tests.memory import (
+    BOT_USER_ID,
+    MemoryHistory,
+    RecordingSlack,
+    ScriptedModel,
+    StaticPersonas,
+    WordCounter,
+)
+
+WORDS = WordCounter()
+TEAM = "T1"
+MAX_PROMPT_TOKENS = 1000
+DEFAULT = Persona(name="default", system_prompt="You are a test bot.")
+PIRATE = Persona(name="pirate", system_prompt="You are a pirate. Answer like one.", temperature=0.9)
+
+
+def make_turn(role: Role, text: str, name: str = "", ts: str = "") -> Turn:
+    """A stored turn whose token count was taken with the word counter, as the store would hold it."""
+    unsized = Turn(role, text, 0, "words", ts, "U9" if name else "", name)
+    return Turn(role, text, WORDS.message_tokens(role, unsized.content), "words", ts, unsized.speaker_id, name)
+
+
+def words(n: int, word: str = "w") -> str:
+    return " ".join(f"{word}{i}" for i in range(n))
+
+
+def message_cost(messages: list[ChatMessage]) -> int:
+    return sum(WORDS.message_tokens(m["role"], m["content"]) for m in messages) + REPLY_PRIMING_TOKENS
+
+
+def available(budget: int) -> int:
+    return budget - safety_margin(budget) - REPLY_PRIMING_TOKENS
+
+
+# build_context ---------------------------------------------------------------------------------------
+
+
+def test_build_context_keeps_newest_turns_and_stops_at_first_that_does_not_fit() -> None:
+    question = make_turn("user", "what now", name="alice")  # 7 tokens
+    system = "You are terse."  # 7 tokens
+    t1 = make_turn("assistant", words(3, "oldest"))  # 7 tokens: would fit, but comes after the misfit
+    t2 = make_turn("user", words(36, "big"))  # 40 tokens: does not fit
+    t3 = make_turn("assistant", words(16, "older"))  # 20 tokens
+    t4 = make_turn("user", words(16, "newest"))  # 20 tokens
+    history = [t4, t3, t2, t1]  # newest first
+
+    context = build_context(system, history, question, 100, WORDS)  # 81 tokens available
+
+    assert context.messages == [
+        {"role": "system", "content": system},
+        {"role": "assistant", "content": t3.content},
+        {"role": "user", "content": t4.content},
+        {"role": "user", "content": question.content},
+    ]
+    assert context.kept_turns == 2
+    assert context.trimmed is True
+    assert context.estimated_tokens == 7 + 7 + 20 + 20 + REPLY_PRIMING_TOKENS
+
+
+def test_build_context_keeps_everything_that_fits_untrimmed_in_chronological_order() -> None:
+    question = make_turn("user", "and then?", name="alice")
+    history = [make_turn("assistant", "third"), make_turn("user", "second", name="bob"), make_turn("user", "first")]
+
+    context = build_context("System.", history, question, 500, WORDS)
+
+    assert [m["content"] for m in context.messages] == ["System.", "first", "bob: second", "third", "alice: and then?"]
+    assert [m["role"] for m in context.messages] == ["system", "user", "user", "assistant", "user"]
+    assert context.kept_turns == 3
+    assert context.trimmed is False
+
+
+def test_build_context_with_no_history_is_system_and_question() -> None:
+    question = make_turn("user", "hello", name="alice")
+
+    context = build_context("System.", [], question, 300, WORDS)
+
+    assert context.messages == [
+        {"role": "system", "content": "System."},
+        {"role": "user", "content": "alice: hello"},
+    ]
+    assert context.kept_turns == 0
+    assert context.trimmed is False
+
+
+def test_build_context_truncates_a_question_larger_than_the_budget_and_keeps_the_system_prompt() -> None:
+    question = make_turn("user", words(200, "q"), name="alice")
+    system = "You are terse."
+
+    context = build_context(system, [make_turn("assistant", "earlier")], question, 100, WORDS)
+
+    assert context.messages[0] == {"role": "system", "content": system}
+    asked = context.messages[-1]
+    assert asked["role"] == "user"
+    assert asked["content"], "the question must still be there"
+    assert len(asked["content"]) < len(question.content)
+    assert question.content.startswith(asked["content"])
+    kept_words = asked["content"].split()
+    assert kept_words == question.content.split()[: len(kept_words)], "cut at a token (word) boundary"
+    assert context.kept_turns == 0
+    assert context.estimated_tokens <= 100
+
+
+@pytest.mark.parametrize("question_words", [3, 500], ids=["small-question", "huge-question"])
+def test_build_context_cuts_a_huge_system_prompt_to_no_less_than_half(question_words: int) -> None:
+    budget = 200
+    system = words(1000, "sys")
+    question = make_turn("user", words(question_words, "q"), name="alice")
+
+    context = build_context(system, [], question, budget, WORDS)
+
+    sent_system = context.messages[0]["content"]
+    assert context.messages[0]["role"] == "system"
+    assert system.startswith(sent_system)
+    assert len(sent_system) < len(system)
+    assert WORDS.message_tokens("system", sent_system) >= available(budget) // 2
+    assert context.messages[-1]["role"] == "user"
+    assert context.messages[-1]["content"], "the question is always kept"
+    assert question.content.startswith(context.messages[-1]["content"])
+    assert context.estimated_tokens <= budget
+
+
+def test_build_context_puts_speaker_names_in_user_content() -> None:
+    history = [make_turn("assistant", "hi bob"), make_turn("user", "hello there", name="bob")]
+    question = make_turn("user", "how are you", name="alice")
+
+    context = build_context("System.", history, question, 300, WORDS)
+
+    assert context.messages[1] == {"role": "user", "content": "bob: hello there"}
+    assert context.messages[2] == {"role": "assistant", "content": "hi bob"}
+    assert context.messages[-1] == {"role": "user", "content": "alice: how are you"}
+
+
+@pytest.mark.parametrize("budget", [40, 64, 100, 257, 1000, 4096])
+@pytest.mark.parametrize("seed", range(5))
+def test_build_context_estimate_never_exceeds_the_budget(budget: int, seed: int) -> None:
+    rng = random.Random(seed)
+    history = [
+        make_turn(rng.choice(["user", "assistant"]), words(rng.randint(0, 120)), name=rng.choice(["", "bob"]))
+        for _ in range(rng.randint(0, 60))
+    ]
+    question = make_turn("user", words(rng.choice([1, 10, 300, 5000]), "q"), name="alice")
+    system = words(rng.choice([1, 20, 400, 3000]), "s")
+
+    context = build_context(system, history, question, budget, WORDS)
+
+    assert context.estimated_tokens <= budget
+    assert context.estimated_tokens == message_cost(context.messages)
+    assert context.messages[0]["role"] == "system"
+    assert context.messages[-1]["role"] == "user"
+    assert len(context.messages) == context.kept_turns + 2
+    assert context.trimmed == (context.kept_turns < len(history))
+
+
+class CountingWordCounter(WordCounter):
+    """A word counter that remembers every content it was asked to count or truncate."""
+
+    def __init__(self) -> None:
+        self.seen: Counter[str] = Counter()
+
+    def message_tokens(self, role: str, content: str) -> int:
+        self.seen[content] += 1
+        return super().message_tokens(role, content)
+
+    def truncate(self, text: str, max_tokens: int) -> str:
+        self.seen[text] += 1
+        return super().truncate(text, max_tokens)
+
+
+@pytest.mark.parametrize("budget", [60, 300, 5000], ids=["trimming", "some-kept", "all-kept"])
+def test_build_context_never_reencodes_history(budget: int) -> None:
+    history = [
+        make_turn("user" if i % 2 else "assistant", f"turn {i} " + words(10 + i, f"t{i}x"), name="bob" * (i % 2))
+        for i in range(20)
+    ]
+    counter = CountingWordCounter()
+
+    context = build_context("System.", history, make_turn("user", "q?", name="alice"), budget, counter)
+
+    assert context.trimmed == (budget != 5000)
+    encoded = set(counter.seen)
+    for turn in history:
+        assert turn.content not in encoded
+        assert turn.text not in encoded
+
+
+# Responder.respond -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    history: MemoryHistory
+    model: ScriptedModel
+    slack: RecordingSlack
+    responder: Responder
+
+
+def make_pipeline(thread: list[SlackMessage] | None = None) -> Pipeline:
+    history, model = MemoryHistory(), ScriptedModel()
+    slack = RecordingSlack(names={"U1": "alice", "U2": "bob"}, thread=thread or [])
+    responder = Responder(
+        history=history,
+        model=model,
+        slack=slack,
+        personas=StaticPersonas(DEFAULT, {"C2": PIRATE}),
+        counter=WordCounter(),
+        max_prompt_tokens=MAX_PROMPT_TOKENS,
+    )
+    return Pipeline(history, model, slack, responder)
+
+
+@pytest.fixture
+def pipe() -> Pipeline:
+    return make_pipeline()
+
+
+def incoming(
+    ts: str,
+    text: str = f"<@{BOT_USER_ID}> how do I rotate a password?",
+    *,
+    thread_ts: str | None = None,
+    addressed: bool = True,
+    user: str = "U1",
+    channel: str = "C1",
+) -> Incoming:
+    return Incoming(
+        key=ThreadKey(TEAM, channel, thread_ts or ts),
+        ts=ts,
+        user_id=user,
+        text=text,
+        addressed=addressed,
+        is_dm=False,
+    )
+
+
+def contents(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    return [(m["role"], m["content"]) for m in messages]
+
+
+async def test_mention_streams_an_answer_and_stores_question_and_answer(pipe: Pipeline) -> None:
+    pipe.model.answer("Use ", "CONFIG SET ", "requirepass.")
+    message = incoming("100.1")
+
+    await pipe.responder.respond(message)
+
+    [reply] = pipe.slack.replies
+    assert reply.incoming == message
+    assert reply.events == [
+        ("thinking", None),
+        ("append", "Use "),
+        ("append", "CONFIG SET "),
+        ("append", "requirepass."),
+        ("finish", None),
+    ]
+    assert contents(pipe.model.calls[0].messages) == [
+        ("system", DEFAULT.system_prompt),
+        ("user", "alice: how do I rotate a password?"),
+    ]
+    stored = pipe.history.turns[message.key]
+    assert [(t.role, t.text, t.speaker_name) for t in stored] == [
+        ("user", "how do I rotate a password?", "alice"),
+        ("assistant", "Use CONFIG SET requirepass.", ""),
+    ]
+    assert [t.tokens for t in stored] == [WORDS.message_tokens(t.role, t.content) for t in stored]
+    assert all(t.encoding == "words" for t in stored)
+    assert stored[0].ts == "100.1"
+    assert pipe.slack.posts == []
+
+
+async def test_duplicate_delivery_is_answered_once(pipe: Pipeline) -> None:
+    pipe.model.answer("once")
+    mention = incoming("100.1")
+    same_message = incoming("100.1", text=f"<@{BOT_USER_ID}>  how do I rotate a password?")
+    assert mention.dedup_key == same_message.dedup_key
+
+    await pipe.responder.respond(mention)
+    await pipe.responder.respond(same_message)
+
+    assert len(pipe.slack.replies) == 1
+    assert len(pipe.model.calls) == 1
+    assert len(pipe.history.turns[mention.key]) == 2
+    assert pipe.slack.posts == []
+
+
+async def test_unaddressed_message_in_a_thread_the_bot_is_not_in_gets_nothing(pipe: Pipeline) -> None:
+    chatter = incoming("100.2", "just chatting", thread_ts="100.1", addressed=False)
+
+    await pipe.responder.respond(chatter)
+
+    assert pipe.slack.replies == []
+    assert pipe.slack.posts == []
+    assert pipe.slack.thread_reads == []
+    assert pipe.model.calls == []
+    assert pipe.history.turns[chatter.key] == []
+    assert chatter.key not in pipe.history.active | pipe.history.seeded
+
+
+async def test_follow_up_in_a_thread_the_bot_answered_is_answered_with_the_earlier_exchange(
+    pipe: Pipeline,
+) -> None:
+    pipe.model.answer("first answer")
+    pipe.model.answer("second answer")
+    await pipe.responder.respond(incoming("100.1", f"<@{BOT_USER_ID}> first question"))
+
+    follow_up = incoming("100.2", "and a follow-up", thread_ts="100.1", addressed=False, user="U2")
+    await pipe.responder.respond(follow_up)
+
+    assert len(pipe.slack.replies) == 2
+    assert pipe.slack.replies[1].text == "second answer"
+    assert contents(pipe.model.calls[1].messages) == [
+        ("system", DEFAULT.system_prompt),
+        ("user", "alice: first question"),
+        ("assistant", "first answer"),
+        ("user", "bob: and a follow-up"),
+    ]
+    assert pipe.slack.thread_reads == [], "a thread the bot already takes part in is not read from Slack"
+    assert [t.text for t in pipe.history.turns[follow_up.key]] == [
+        "first question",
+        "first answer",
+        "and a follow-up",
+        "second answer",
+    ]
+
+
+async def test_mention_in_an_unseen_thread_reads_the_thread_first() -> None:
+    thread = [
+        SlackMessage("200.1", "user", "U2", "bob", "the deploy is failing"),
+        SlackMessage("200.2", "assistant", BOT_USER_ID, "", "an older bot message"),
+        SlackMessage("200.3", "user", "U1", "alice", "same here"),
+        SlackMessage("200.5", "user", "U1", "alice", "what should we do?"),  # the mention itself
+    ]
+    pipe = make_pipeline(thread)
+    pipe.model.answer("Roll back.")
+    mention = incoming("200.5", f"<@{BOT_USER_ID}> what should we do?", thread_ts="200.1")
+
+    await pipe.responder.respond(mention)
+
+    assert pipe.slack.thread_reads == [mention.key]
+    assert mention.key in pipe.history.seeded
+    stored = pipe.history.turns[mention.key]
+    assert [(t.role, t.ts, t.content) for t in stored] == [
+        ("user", "200.1", "bob: the deploy is failing"),
+        ("assistant", "200.2", "an older bot message"),
+        ("user", "200.3", "alice: same here"),
+        ("user", "200.5", "alice: what should we do?"),
+        ("assistant", "", "Roll back."),
+    ]
+    assert contents(pipe.model.calls[0].messages) == [
+        ("system", DEFAULT.system_prompt),
+        ("user", "bob: the deploy is failing"),
+        ("assistant", "an older bot message"),
+        ("user", "alice: same here"),
+        ("user", "alice: what should we do?"),
+    ]
+
+
+async def test_empty_mention_posts_the_hint_and_does_not_call_the_model(pipe: Pipeline) -> None:
+    mention = incoming("100.1", f"<@{BOT_USER_ID}>  ")
+
+    await pipe.responder.respond(mention)
+
+    assert pipe.slack.posts == [(mention, EMPTY_MENTION_HINT)]
+    assert pipe.model.calls == []
+    assert pipe.slack.replies == []
+    assert pipe.history.turns[mention.key] == []
+
+
+@pytest.mark.parametrize("kind", get_args(ModelErrorKind))
+async def test_model_error_fails_the_reply_with_its_message_and_leaves_history_alone(
+    pipe: Pipeline, kind: ModelErrorKind
+) -> None:
+    key = ThreadKey(TEAM, "C1", "100.1")
+    earlier = [make_turn("user", "earlier question", name="alice"), make_turn("assistant", "earlier answer")]
+    await pipe.history.append(key, earlier)
+    pipe.model.fail(kind)
+    if kind == "context_length":
+        pipe.model.fail(kind)  # the retry at half budget fails too
+
+    await pipe.responder.respond(incoming("100.3", f"<@{BOT_USER_ID}> again?", thread_ts="100.1"))
+
+    [reply] = pipe.slack.replies
+    assert reply.events == [("thinking", None), ("fail", ModelError(kind).user_message)]
+    assert pipe.history.turns[key] == earlier
+    assert pipe.model.pending == 0
+
+
+async def _long_active_thread(pipe: Pipeline) -> ThreadKey:
+    """A thread the bot takes part in with 30 turns of 40 tokens each: more than fits the budget."""
+    key = ThreadKey(TEAM, "C1", "300.1")
+    await pipe.history.append(
+        key, [make_turn("user" if i % 2 else "assistant", words(36, f"t{i}x")) for i in range(30)]
+    )
+    return key
+
+
+async def test_context_length_is_retried_once_with_half_the_budget(pipe: Pipeline) -> None:
+    key = await _long_active_thread(pipe)
+    pipe.model.fail("context_length")
+    pipe.model.answer("fits now")
+
+    await pipe.responder.respond(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts))
+
+    assert pipe.history.recent_budgets == [MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS // 2]
+    first, second = pipe.model.calls
+    assert len(second.messages) < len(first.messages)
+    assert message_cost(second.messages) <= MAX_PROMPT_TOKENS // 2 < message_cost(first.messages)
+    assert second.messages[-1] == {"role": "user", "content": "alice: hi there"}
+    [reply] = pipe.slack.replies
+    assert reply.events == [("thinking", None), ("append", "fits now"), ("finish", None)]
+    assert [t.text for t in pipe.history.turns[key][-2:]] == ["hi there", "fits now"]
+
+
+async def test_context_length_twice_fails_with_the_context_length_message(pipe: Pipeline) -> None:
+    key = await _long_active_thread(pipe)
+    before = list(pipe.history.turns[key])
+    pipe.model.fail("context_length")
+    pipe.model.fail("context_length")
+
+    await pipe.responder.respond(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts))
+
+    assert len(pipe.model.calls) == 2
+    assert pipe.history.recent_budgets == [MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS // 2]
+    [reply] = pipe.slack.replies
+    assert reply.events[-1] == ("fail", ModelError("context_length").user_message)
+    assert "fail" not in reply.methods[:-1]
+    assert pipe.history.turns[key] == before
+
+
+async def test_answer_cut_at_the_token_limit_gets_the_length_note(pipe: Pipeline) -> None:
+    pipe.model.answer("a long answer that was", finish_reason="length")
+
+    await pipe.responder.respond(incoming("100.1"))
+
+    [reply] = pipe.slack.replies
+    assert reply.events[-1] == ("finish", LENGTH_NOTE)
+    assert reply.text == "a long answer that was"
+
+
+async def test_complete_answer_has_no_footnote(pipe: Pipeline) -> None:
+    pipe.model.answer("done", finish_reason="stop")
+
+    await pipe.responder.respond(incoming("100.1"))
+
+    assert pipe.slack.replies[0].events[-1] == ("finish", None)
+
+
+async def test_the_channel_persona_system_prompt_is_used(pipe: Pipeline) -> None:
+    pipe.model.answer("Arr.")
+    pipe.model.answer("Hello.")
+
+    await pipe.responder.respond(incoming("100.1", channel="C2"))
+    await pipe.responder.respond(incoming("100.2", channel="C1"))
+
+    pirate_call, default_call = pipe.model.calls
+    assert pirate_call.persona == PIRATE
+    assert pirate_call.messages[0] == {"role": "system", "content": PIRATE.system_prompt}
+    assert default_call.persona == DEFAULT
+    assert default_call.messages[0] == {"role": "system", "content": DEFAULT.system_prompt}

@@ -1,0 +1,105 @@
+"""RedisHistory on a real Redis: keys, TTLs, caps, paged reads, recounts, lock, dedup, embedded server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import pytest
+import redis.asyncio as redis
+
+from bot.domain import ThreadKey, Turn
+from bot.errors import HistoryError
+from bot.history import DEDUP_SECONDS, RedisHistory, open_redis
+from bot.tokens import TiktokenCounter
+
+KEY = ThreadKey("T9", "C9", "1700000000.000001")
+
+
+def turn(counter: TiktokenCounter, i: int, encoding: str = "o200k_base") -> Turn:
+    text = f"turn {i}"
+    return Turn("user", text, counter.message_tokens("user", text), encoding, ts=str(i))
+
+
+async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix, ttl_seconds=600, max_turns=5)
+    await history.append(KEY, [turn(counter, i) for i in range(8)])
+    keys = sorted([k async for k in redis_client.scan_iter(match=f"{prefix}*")])
+    assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:meta", f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
+    assert 590 < await redis_client.ttl(keys[1]) <= 600 and 590 < await redis_client.ttl(keys[0]) <= 600
+    stored = await history.recent(KEY, 10**6)
+    assert [t.text for t in stored] == [f"turn {i}" for i in (7, 6, 5, 4, 3)]  # capped, newest first
+    assert (await history.state(KEY)).active
+
+
+async def test_recent_reads_only_what_the_budget_can_use(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    await history.append(KEY, [turn(counter, i) for i in range(10_000)])
+    per_turn = turn(counter, 9999).tokens
+    recent = await history.recent(KEY, 50 * per_turn)
+    assert len(recent) == 51  # what fits, plus the one that tells build_context to stop
+    assert recent[0].text == "turn 9999" and recent[-1].text == "turn 9949"
+
+
+async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewritten(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    old = Turn("assistant", "bonjour " * 50, 1, "cl100k_base")
+    await history.append(KEY, [old])
+    (recounted,) = await history.recent(KEY, 10**6)
+    assert recounted.encoding == "o200k_base"
+    assert recounted.tokens == counter.message_tokens("assistant", "bonjour " * 50)
+    raw = await redis_client.lindex(f"{prefix}{{T9:C9:1700000000.000001}}:turns", 0)
+    assert '"enc": "o200k_base"' in raw
+
+
+async def test_the_same_message_is_claimed_once(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    assert await history.claim("T9", "C9:1.2") is True
+    assert await history.claim("T9", "C9:1.2") is False
+    assert await history.claim("T8", "C9:1.2") is True  # another workspace
+    assert 0 < await redis_client.ttl(f"{prefix}event:T9:C9:1.2") <= DEDUP_SECONDS
+
+
+async def test_the_thread_lock_serialises_holders_and_is_released(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with history.lock(KEY):
+            order.append(f"{name} in")
+            await asyncio.sleep(0.1)
+            order.append(f"{name} out")
+
+    await asyncio.gather(hold("a"), hold("b"))
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+    assert await redis_client.exists(f"{prefix}{{T9:C9:1700000000.000001}}:lock") == 0
+
+
+async def test_without_redis_url_an_embedded_server_is_started_and_persists(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot.history")
+    async with open_redis(None, tmp_path / "data") as client:
+        await client.set("k", "v")
+        await client.save()
+    assert (tmp_path / "data" / "redis.db").stat().st_size > 0
+    assert "embedded Redis" in caplog.text
+    async with open_redis(None, tmp_path / "data") as client:
+        assert await client.get("k") == "v"
+
+
+async def test_an_unreachable_redis_is_a_history_error() -> None:
+    with pytest.raises(HistoryError):
+        async with open_redis("redis://127.0.0.1:1", Path(".")):
+            pass
