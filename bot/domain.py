@@ -145,7 +145,7 @@ class History(Protocol):
         ...
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        """Store turns the bot did not answer (read from Slack, or a failed question); mark the thread read."""
+        """Store turns the bot did not answer (read from Slack, a failed question); mark the thread read."""
         ...
 
     async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:

@@ -52,24 +52,28 @@ def parse_personas(text: str, source: str = "PERSONAS_FILE") -> tuple[dict[str, 
     """Named personas and the channel -> persona-name mapping from YAML text."""
     try:
         raw = yaml.safe_load(text) or {}
-        parsed = _PersonasFile.model_validate(raw)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source} is not valid YAML: {exc}"]) from None
+    problems = []
+    try:
+        parsed = _PersonasFile.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{source}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        ) from None
+        problems = [f"{source}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    names = raw.get("personas") if isinstance(raw, dict) else None
+    channels = raw.get("channels") if isinstance(raw, dict) else None
+    if isinstance(channels, dict):
+        known = set(names) if isinstance(names, dict) else set()
+        problems += [
+            f"{source}: channel {c} maps to unknown persona {n!r}"
+            for c, n in channels.items()
+            if n not in known
+        ]
+    if problems:
+        raise ConfigError(problems)
     personas = {
         name: Persona(name=name, **{**spec.model_dump(), "stop": tuple(spec.stop) if spec.stop else None})
         for name, spec in parsed.personas.items()
     }
-    unknown = [
-        f"{source}: channel {c} maps to unknown persona {n!r}"
-        for c, n in parsed.channels.items()
-        if n not in personas
-    ]
-    if unknown:
-        raise ConfigError(unknown)
     return personas, dict(parsed.channels)
 
 

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 StreamMode = Literal["auto", "native", "update", "off"]
 
 MESSAGE_LIMIT = 12_000  # Slack's limit for markdown_text
-SPLIT_AT = MESSAGE_LIMIT - 100  # leaves room to close a code fence at the cut
+SPLIT_AT = MESSAGE_LIMIT - 100
+FENCE_RESERVE = 8  # room to close a code fence at a cut
 FLUSH_INTERVAL_SECONDS = 1.0
 THINKING_STATUS = "is thinking…"
 # Message subtypes that are still a person saying something new.
@@ -123,25 +124,25 @@ def split_message(text: str, limit: int, floor: int = 0) -> tuple[str, str]:
     if fitting:
         cut = max(fitting)
         return text[:cut], text[cut:]
-    # One block is larger than what is left: cut at a line, else a space, and mend a code fence cut in two.
+    # One block is larger than what is left: cut at a line, else a space; a code block cut in two (at any
+    # depth, e.g. inside a list item) is closed in the first part and opened again in the second.
+    reach = limit - FENCE_RESERVE
+    cut = max(text.rfind("\n", floor, reach) + 1 or text.rfind(" ", floor, reach) + 1 or reach, floor + 1)
+    head, tail = text[:cut], text[cut:]
     fence = next(
         (
             t
-            for t in blocks
+            for t in tokens
             if t.type == "fence"
             and t.map
-            and _offset(line_starts, t.map[0]) < limit <= _offset(line_starts, t.map[1])
+            and _offset(line_starts, t.map[0]) < cut < _offset(line_starts, t.map[1])
         ),
         None,
     )
-    closing = "\n" + fence.markup if fence else ""
-    reach = limit - len(closing)
-    cut = text.rfind("\n", floor, reach) + 1 or text.rfind(" ", floor, reach) + 1 or reach
-    cut = max(cut, floor + 1)
-    if fence is None:
-        return text[:cut], text[cut:]
-    head = text[:cut].rstrip("\n") + closing
-    return head, f"{fence.markup}{fence.info}\n{text[cut:]}"
+    if fence is not None:
+        head += ("" if head.endswith("\n") else "\n") + fence.markup
+        tail = f"{fence.markup}{fence.info}\n{tail}"
+    return head, tail
 
 
 def _offset(line_starts: list[int], line: int) -> int:

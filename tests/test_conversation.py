@@ -1,4 +1,4 @@
-"""The pipeline in ``bot.conversation``: ``build_context`` trimming and ``Responder.respond``, on in-memory fakes."""
+"""The pipeline in ``bot.conversation``: ``build_context`` trimming and ``Responder.respond``, on fakes."""
 
 from __future__ import annotations
 
@@ -38,7 +38,9 @@ PIRATE = Persona(name="pirate", system_prompt="You are a pirate. Answer like one
 def make_turn(role: Role, text: str, name: str = "", ts: str = "") -> Turn:
     """A stored turn whose token count was taken with the word counter, as the store would hold it."""
     unsized = Turn(role, text, 0, "words", ts, "U9" if name else "", name)
-    return Turn(role, text, WORDS.message_tokens(role, unsized.content), "words", ts, unsized.speaker_id, name)
+    return Turn(
+        role, text, WORDS.message_tokens(role, unsized.content), "words", ts, unsized.speaker_id, name
+    )
 
 
 def words(n: int, word: str = "w") -> str:
@@ -80,11 +82,21 @@ def test_build_context_keeps_newest_turns_and_stops_at_first_that_does_not_fit()
 
 def test_build_context_keeps_everything_that_fits_untrimmed_in_chronological_order() -> None:
     question = make_turn("user", "and then?", name="alice")
-    history = [make_turn("assistant", "third"), make_turn("user", "second", name="bob"), make_turn("user", "first")]
+    history = [
+        make_turn("assistant", "third"),
+        make_turn("user", "second", name="bob"),
+        make_turn("user", "first"),
+    ]
 
     context = build_context("System.", history, question, 500, WORDS)
 
-    assert [m["content"] for m in context.messages] == ["System.", "first", "bob: second", "third", "alice: and then?"]
+    assert [m["content"] for m in context.messages] == [
+        "System.",
+        "first",
+        "bob: second",
+        "third",
+        "alice: and then?",
+    ]
     assert [m["role"] for m in context.messages] == ["system", "user", "user", "assistant", "user"]
     assert context.kept_turns == 3
     assert context.trimmed is False
@@ -190,7 +202,9 @@ class CountingWordCounter(WordCounter):
 @pytest.mark.parametrize("budget", [60, 300, 5000], ids=["trimming", "some-kept", "all-kept"])
 def test_build_context_never_reencodes_history(budget: int) -> None:
     history = [
-        make_turn("user" if i % 2 else "assistant", f"turn {i} " + words(10 + i, f"t{i}x"), name="bob" * (i % 2))
+        make_turn(
+            "user" if i % 2 else "assistant", f"turn {i} " + words(10 + i, f"t{i}x"), name="bob" * (i % 2)
+        )
         for i in range(20)
     ]
     counter = CountingWordCounter()
@@ -386,7 +400,7 @@ async def test_empty_mention_posts_the_hint_and_does_not_call_the_model(pipe: Pi
 
 
 @pytest.mark.parametrize("kind", get_args(ModelErrorKind))
-async def test_model_error_fails_the_reply_with_its_message_and_leaves_history_alone(
+async def test_model_error_fails_the_reply_with_its_message_and_stores_no_answer(
     pipe: Pipeline, kind: ModelErrorKind
 ) -> None:
     key = ThreadKey(TEAM, "C1", "100.1")
@@ -400,8 +414,24 @@ async def test_model_error_fails_the_reply_with_its_message_and_leaves_history_a
 
     [reply] = pipe.slack.replies
     assert reply.events == [("thinking", None), ("fail", ModelError(kind).user_message)]
-    assert pipe.history.turns[key] == earlier
     assert pipe.model.pending == 0
+    # The earlier turns are untouched and no answer is stored; only the unanswered question is kept.
+    stored = pipe.history.turns[key]
+    assert stored[:2] == earlier
+    assert [(t.role, t.text) for t in stored[2:]] == [("user", "again?")]
+
+
+async def test_model_error_on_a_first_mention_does_not_make_the_bot_take_part(pipe: Pipeline) -> None:
+    pipe.model.fail("unavailable")
+    mention = incoming("100.1")
+
+    await pipe.responder.respond(mention)
+    await pipe.responder.respond(incoming("100.2", "anyone?", thread_ts="100.1", addressed=False))
+
+    assert mention.key not in pipe.history.active
+    assert [t.role for t in pipe.history.turns[mention.key]] == ["user"]
+    assert len(pipe.slack.replies) == 1, "an unaddressed follow-up is not answered after a failure"
+    assert pipe.slack.replies[0].methods == ["thinking", "fail"]
 
 
 async def _long_active_thread(pipe: Pipeline) -> ThreadKey:
@@ -443,7 +473,10 @@ async def test_context_length_twice_fails_with_the_context_length_message(pipe: 
     [reply] = pipe.slack.replies
     assert reply.events[-1] == ("fail", ModelError("context_length").user_message)
     assert "fail" not in reply.methods[:-1]
-    assert pipe.history.turns[key] == before
+    assert "finish" not in reply.methods
+    stored = pipe.history.turns[key]
+    assert stored[:-1] == before
+    assert (stored[-1].role, stored[-1].text) == ("user", "hi there"), "no answer stored, only the question"
 
 
 async def test_answer_cut_at_the_token_limit_gets_the_length_note(pipe: Pipeline) -> None:
