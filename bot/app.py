@@ -29,7 +29,7 @@ from bot.history import RedisHistory, open_redis
 from bot.llm import OpenAIChat, make_client
 from bot.personas import FilePersonas
 from bot.settings import Settings
-from bot.slack import SlackAdapter, fetch_identity, parse_event
+from bot.slack import SlackAdapter, check_app_token, fetch_identity, parse_event
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,10 @@ def _listen(bot: Bot, identity: dict[str, str]) -> None:
 
 async def serve_socket_mode(bot: Bot, stop: asyncio.Event) -> None:
     """Receive events over Socket Mode until ``stop`` is set."""
-    handler = AsyncSocketModeHandler(bot.app, _secret(bot.settings.slack_app_token))
+    app_token = _secret(bot.settings.slack_app_token)
+    # slack_sdk retries a refused app token forever; checking it once makes start-up fail clearly instead.
+    await check_app_token(bot.app.client, app_token)
+    handler = AsyncSocketModeHandler(bot.app, app_token)
     await handler.connect_async()  # type: ignore[no-untyped-call]
     log.info("connected to Slack in Socket Mode")
     try:

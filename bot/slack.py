@@ -372,6 +372,14 @@ class SlackAdapter:
             raise SlackError("chat.postMessage", str(exc.response.get("error"))) from exc
 
 
+async def check_app_token(client: AsyncWebClient, app_token: str) -> None:
+    """Raise ``SlackError`` unless Slack accepts ``app_token`` for Socket Mode."""
+    try:
+        await client.apps_connections_open(app_token=app_token)
+    except SlackApiError as exc:
+        raise SlackError("apps.connections.open", str(exc.response.get("error"))) from exc
+
+
 async def fetch_identity(client: AsyncWebClient) -> dict[str, str]:
     """The bot's own ids from ``auth.test``: team_id, user_id, bot_id."""
     try:

@@ -6,6 +6,8 @@ import asyncio
 import os
 import sys
 
+import pytest
+
 from tests.conftest import Harness
 
 SETTINGS_VARS = (
@@ -53,10 +55,11 @@ async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: ob
     assert "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("method", ["auth.test", "apps.connections.open"])
 async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
-    harness: Harness, tmp_path: object
+    harness: Harness, tmp_path: object, method: str
 ) -> None:
-    harness.slack.fail["auth.test"] = "invalid_auth"
+    harness.slack.fail[method] = "invalid_auth"
     env = clean_env(
         SLACK_BOT_TOKEN="xoxb-revoked",
         SLACK_APP_TOKEN="xapp-test",
@@ -69,5 +72,5 @@ async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
     )
     code, stderr = await run_bot(env, cwd=str(tmp_path))
     assert code == 1
-    assert "auth.test failed: invalid_auth" in stderr
+    assert f"{method} failed: invalid_auth" in stderr
     assert "Traceback" not in stderr and "xoxb-revoked" not in stderr
