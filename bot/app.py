@@ -139,8 +139,15 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
             await openai_client.close()
 
 
+def _drop_token_unused_warning(record: logging.LogRecord) -> bool:
+    # Bolt reads SLACK_BOT_TOKEN from the environment itself, then warns that the client we pass wins.
+    # That is the intent here (the client carries SLACK_API_URL), so the warning would only mislead.
+    return "`token` will be unused" not in record.getMessage()
+
+
 def _bolt_app(settings: Settings, web_client: AsyncWebClient, identity: dict[str, str]) -> AsyncApp:
     bot_token = web_client.token
+    logging.getLogger("slack_bolt.AsyncApp").addFilter(_drop_token_unused_warning)
 
     async def authorize(**_: Any) -> AuthorizeResult:
         # auth.test was called once at start-up; answering from it keeps Slack calls out of the ack path.
