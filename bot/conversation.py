@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bot.domain import (
     ChatMessage,
@@ -21,6 +21,7 @@ from bot.domain import (
     Persona,
     PersonaSource,
     ReplyStream,
+    Role,
     SlackPort,
     StreamEnd,
     TokenCounter,
@@ -118,13 +119,13 @@ class Responder:
 
     async def respond(self, incoming: Incoming) -> None:
         """Answer ``incoming`` in its thread if it is for the bot; every other outcome is silence."""
+        if not incoming.addressed and not (await self.history.state(incoming.key)).active:
+            return  # people talking in a thread the bot takes no part in: one read, no write, no lock
         if not await self.history.claim(incoming.key.team, incoming.dedup_key):
             log.debug("duplicate delivery of %s ignored", incoming.dedup_key)
             return
         async with self.history.lock(incoming.key):
             state = await self.history.state(incoming.key)
-            if not (incoming.addressed or state.active):
-                return
             text = await self.slack.readable(incoming.key.team, incoming.text)
             if not text.strip():
                 await self.slack.post(incoming, EMPTY_MENTION_HINT)
@@ -156,10 +157,10 @@ class Responder:
         name = await self.slack.display_name(incoming.key.team, incoming.user_id)
         return self._turn("user", text, incoming.ts, incoming.user_id, name)
 
-    def _turn(self, role: str, text: str, ts: str, speaker_id: str = "", speaker_name: str = "") -> Turn:
-        unsized = Turn("user" if role == "user" else "assistant", text, 0, "", ts, speaker_id, speaker_name)
-        tokens = self.counter.message_tokens(unsized.role, unsized.content)
-        return Turn(unsized.role, text, tokens, self.counter.encoding_name, ts, speaker_id, speaker_name)
+    def _turn(self, role: Role, text: str, ts: str, speaker_id: str = "", speaker_name: str = "") -> Turn:
+        """A turn with its token cost, counted once, here, before it is stored."""
+        turn = Turn(role, text, 0, self.counter.encoding_name, ts, speaker_id, speaker_name)
+        return replace(turn, tokens=self.counter.message_tokens(role, turn.content))
 
     async def _answer(self, incoming: Incoming, persona: Persona, question: Turn, reply: ReplyStream) -> Turn:
         """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""

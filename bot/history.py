@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +160,7 @@ class RedisHistory:
 
     def _recount(self, turn: Turn) -> Turn:
         tokens = self._counter.message_tokens(turn.role, turn.content)
-        return Turn(
-            turn.role,
-            turn.text,
-            tokens,
-            self._counter.encoding_name,
-            turn.ts,
-            turn.speaker_id,
-            turn.speaker_name,
-        )
+        return replace(turn, tokens=tokens, encoding=self._counter.encoding_name)
 
     async def _rewrite(self, key: ThreadKey, turns: dict[int, Turn]) -> None:
         # Callers hold the thread lock, so negative indexes still point at the same turns.

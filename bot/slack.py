@@ -241,21 +241,18 @@ class SlackReplyStream:
         """Finish the current Slack message with all of its text."""
         if not self._text.strip():
             return
-        if self._mode == "off" or self._ts is None:
-            if self._mode == "native":
-                await self._start()
-                if self._mode == "native":
-                    await self._native("chat_stopStream", ts=self._ts)
-            else:
-                response = await self._call(
-                    "chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text
-                )
-                self._ts = str(response["ts"])
-        elif self._mode == "native":
-            rest = self._text[self._sent :]
-            await self._native("chat_stopStream", ts=self._ts, markdown_text=rest or None)
+        if self._mode == "off":
+            await self._call("chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text)
         else:
-            await self._call("chat_update", ts=self._ts, markdown_text=self._text)
+            if self._ts is None:
+                await self._start()  # shows all the text so far (and may fall back from native to update)
+                self._sent = len(self._text)
+            if self._mode == "native":
+                await self._native(
+                    "chat_stopStream", ts=self._ts, markdown_text=self._text[self._sent :] or None
+                )
+            elif self._sent < len(self._text):
+                await self._call("chat_update", ts=self._ts, markdown_text=self._text)
         self._sent = len(self._text)
         self._last_flush = time.monotonic()
 

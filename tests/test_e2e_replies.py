@@ -181,3 +181,16 @@ async def test_persona_per_channel_sends_only_the_parameters_it_sets(
     assert default["model"] == "gpt-4o-mini"
     sent = set(default) - {"model", "messages", "stream", "stream_options"}
     assert sent == set()
+
+
+async def test_a_native_stream_that_breaks_midway_is_finished_with_chat_update(harness: Harness) -> None:
+    harness.slack.fail["chat.appendStream"] = "message_not_in_streaming_state"
+    words = [f"w{i} " for i in range(25)]
+    harness.model.script(Reply(chunks=words, chunk_delay=0.1))
+    async with harness.running():
+        ts = await harness.say("stream and break")
+        await harness.slack.wait_for(
+            lambda: bot_texts(harness, "C1", ts) == ["".join(words)], what="full text"
+        )
+    assert len(harness.slack.calls_to("chat.startStream")) == 1
+    assert harness.slack.calls_to("chat.update")[-1].args["markdown_text"] == "".join(words)

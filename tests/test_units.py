@@ -400,32 +400,28 @@ def test_load_settings_builds_settings_from_a_valid_environment(clean_env: pytes
     assert settings.slack_bot_token.get_secret_value() == "xoxb-secret-bot-token"
 
 
-def test_load_settings_with_http_requires_the_signing_secret(clean_env: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("http", "required", "value", "other"),
+    [
+        (True, "SLACK_SIGNING_SECRET", "secret-signing-value", "slack_app_token"),
+        (False, "SLACK_APP_TOKEN", "xapp-secret-app-token", "slack_signing_secret"),
+    ],
+    ids=["http-needs-signing-secret", "socket-mode-needs-app-token"],
+)
+def test_load_settings_requires_what_the_serving_mode_needs(
+    clean_env: pytest.MonkeyPatch, http: bool, required: str, value: str, other: str
+) -> None:
     _valid_env(clean_env)
     clean_env.delenv("SLACK_SIGNING_SECRET")
     clean_env.delenv("SLACK_APP_TOKEN")
 
     with pytest.raises(ConfigError) as raised:
-        load_settings(http=True, env_file=None)
+        load_settings(http=http, env_file=None)
 
     assert len(raised.value.problems) == 1
-    assert raised.value.problems[0].startswith("SLACK_SIGNING_SECRET")
-    clean_env.setenv("SLACK_SIGNING_SECRET", "secret-signing-value")
-    assert load_settings(http=True, env_file=None).slack_app_token is None
-
-
-def test_load_settings_in_socket_mode_requires_the_app_token(clean_env: pytest.MonkeyPatch) -> None:
-    _valid_env(clean_env)
-    clean_env.delenv("SLACK_APP_TOKEN")
-    clean_env.delenv("SLACK_SIGNING_SECRET")
-
-    with pytest.raises(ConfigError) as raised:
-        load_settings(http=False, env_file=None)
-
-    assert len(raised.value.problems) == 1
-    assert raised.value.problems[0].startswith("SLACK_APP_TOKEN")
-    clean_env.setenv("SLACK_APP_TOKEN", "xapp-secret-app-token")
-    assert load_settings(http=False, env_file=None).slack_signing_secret is None
+    assert raised.value.problems[0].startswith(required)
+    clean_env.setenv(required, value)
+    assert getattr(load_settings(http=http, env_file=None), other) is None
 
 
 def test_settings_repr_hides_secrets(clean_env: pytest.MonkeyPatch) -> None:
