@@ -28,17 +28,13 @@ from bot.errors import GENERIC_USER_MESSAGE, BotError
 from bot.history import RedisHistory, open_redis
 from bot.llm import OpenAIChat, make_client
 from bot.personas import FilePersonas
-from bot.settings import Settings
+from bot.settings import Settings, secret_value
 from bot.slack import SlackAdapter, check_app_token, fetch_identity, parse_event
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
-
-
-def _secret(value: Any) -> str:
-    return value.get_secret_value() if value is not None else ""
 
 
 @dataclass
@@ -89,7 +85,7 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
     counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
     personas = FilePersonas.load(settings.system_prompt, settings.personas_file)
     openai_client = make_client(
-        api_key=_secret(settings.openai_api_key),
+        api_key=secret_value(settings.openai_api_key),
         base_url=settings.openai_base_url,
         organization=settings.openai_org_id,
         project=settings.openai_project_id,
@@ -97,7 +93,7 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
         max_retries=settings.openai_max_retries,
     )
     web_client = AsyncWebClient(
-        token=_secret(settings.slack_bot_token),
+        token=secret_value(settings.slack_bot_token),
         base_url=settings.slack_api_url,
         retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
     )
@@ -162,7 +158,7 @@ def _bolt_app(settings: Settings, web_client: AsyncWebClient, identity: dict[str
     return AsyncApp(
         client=AsyncWebClient(base_url=settings.slack_api_url),
         authorize=authorize,
-        signing_secret=_secret(settings.slack_signing_secret),
+        signing_secret=secret_value(settings.slack_signing_secret),
     )
 
 
@@ -180,7 +176,7 @@ def _listen(bot: Bot, identity: dict[str, str]) -> None:
 
 async def serve_socket_mode(bot: Bot, stop: asyncio.Event) -> None:
     """Receive events over Socket Mode until ``stop`` is set."""
-    app_token = _secret(bot.settings.slack_app_token)
+    app_token = secret_value(bot.settings.slack_app_token)
     # slack_sdk retries a refused app token forever; checking it once makes start-up fail clearly instead.
     await check_app_token(bot.app.client, app_token)
     handler = AsyncSocketModeHandler(bot.app, app_token)

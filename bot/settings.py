@@ -102,34 +102,35 @@ class Settings(BaseSettings):
         return None if value == "" else value
 
 
-def _secret_set(value: SecretStr | None) -> bool:
-    return value is not None and bool(value.get_secret_value())
+def secret_value(value: SecretStr | None) -> str:
+    """The secret itself, or "" when unset; for handing to a client, never to a log."""
+    return value.get_secret_value() if value is not None else ""
 
 
 def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
     """Settings that are each optional but required together to serve Slack."""
     problems = []
-    token = settings.slack_bot_token
-    if not _secret_set(token):
+    token = secret_value(settings.slack_bot_token)
+    if not token:
         problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")
-    elif token is not None and not token.get_secret_value().startswith("xoxb-"):
+    elif not token.startswith("xoxb-"):
         problems.append(f"SLACK_BOT_TOKEN must start with xoxb-: use {_HINTS['SLACK_BOT_TOKEN']}")
     if http:
-        if not _secret_set(settings.slack_signing_secret):
+        if not secret_value(settings.slack_signing_secret):
             problems.append(
                 "SLACK_SIGNING_SECRET is missing (needed with --http): "
                 f"set it to {_HINTS['SLACK_SIGNING_SECRET']}"
             )
     else:
-        app_token = settings.slack_app_token
-        if not _secret_set(app_token):
+        app_token = secret_value(settings.slack_app_token)
+        if not app_token:
             problems.append(
                 f"SLACK_APP_TOKEN is missing (needed for Socket Mode; or run with --http): "
                 f"set it to {_HINTS['SLACK_APP_TOKEN']}"
             )
-        elif app_token is not None and not app_token.get_secret_value().startswith("xapp-"):
+        elif not app_token.startswith("xapp-"):
             problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
-    if not _secret_set(settings.openai_api_key) and not settings.openai_base_url:
+    if not secret_value(settings.openai_api_key) and not settings.openai_base_url:
         problems.append(f"OPENAI_API_KEY is missing: set it to {_HINTS['OPENAI_API_KEY']}")
     if settings.personas_file is not None and not settings.personas_file.is_file():
         problems.append(f"PERSONAS_FILE {settings.personas_file} does not exist: point it at a YAML file")

@@ -88,8 +88,8 @@ class TiktokenCounter:
 
     def __init__(self, encoding: tiktoken.Encoding) -> None:
         self._encoding = encoding
-        # A persona's system prompt is counted on every reply; remembering it keeps that off the hot path.
-        self.message_tokens = lru_cache(maxsize=256)(self._message_tokens)  # type: ignore[method-assign]
+        # A persona's system prompt is counted on every reply; remembering recent costs keeps that cheap.
+        self._cost = lru_cache(maxsize=256)(self._uncached_cost)
 
     @property
     def encoding_name(self) -> str:
@@ -101,9 +101,9 @@ class TiktokenCounter:
 
     def message_tokens(self, role: str, content: str) -> int:
         """Tokens one chat message costs in a prompt, overhead included."""
-        return self._message_tokens(role, content)
+        return self._cost(role, content)
 
-    def _message_tokens(self, role: str, content: str) -> int:
+    def _uncached_cost(self, role: str, content: str) -> int:
         return TOKENS_PER_MESSAGE + self.count(role) + self.count(content)
 
     def truncate(self, text: str, max_tokens: int) -> str:
