@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncApp
@@ -92,12 +93,17 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
         timeout_seconds=settings.openai_timeout_seconds,
         max_retries=settings.openai_max_retries,
     )
-    web_client = AsyncWebClient(
-        token=secret_value(settings.slack_bot_token),
-        base_url=settings.slack_api_url,
-        retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
-    )
-    async with open_redis(settings.redis_url, settings.data_dir) as redis_client:
+    async with (
+        # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
+        aiohttp.ClientSession() as slack_session,
+        open_redis(settings.redis_url, settings.data_dir) as redis_client,
+    ):
+        web_client = AsyncWebClient(
+            token=secret_value(settings.slack_bot_token),
+            base_url=settings.slack_api_url,
+            session=slack_session,
+            retry_handlers=[AsyncRateLimitErrorRetryHandler(max_retry_count=2)],
+        )
         history = RedisHistory(
             redis_client,
             counter,

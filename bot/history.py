@@ -33,6 +33,8 @@ DEDUP_SECONDS = 3600
 NAME_CACHE_SECONDS = 24 * 3600
 LOCK_LEASE_SECONDS = 30.0
 LOCK_WAIT_SECONDS = 180.0
+MAX_CONNECTIONS = 64
+POOL_WAIT_SECONDS = 10.0
 
 
 @contextlib.contextmanager
@@ -216,9 +218,12 @@ async def open_redis(url: str | None, data_dir: Path) -> AsyncIterator[redis.Red
         # Starting the child server blocks for a moment; keep it off the event loop.
         embedded = await asyncio.to_thread(start)
         log.info("REDIS_URL is unset: started an embedded Redis server, data in %s", data_dir / "redis.db")
-        client = redis.Redis(unix_socket_path=embedded.socket_file, decode_responses=True)
-    else:
-        client = redis.Redis.from_url(url, decode_responses=True)
+        url = f"unix://{embedded.socket_file}"
+    # Under load, waiting briefly for a free connection beats failing: the default pool raises at its cap.
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_SECONDS, decode_responses=True
+    )
+    client = redis.Redis.from_pool(pool)
     try:
         with _redis_errors("connecting"):
             await client.ping()

@@ -72,6 +72,8 @@ class FakeModel:
         self.request_headers: list[dict[str, str]] = []
         self.models: list[str] = ["gpt-4o-mini", "gpt-4o"]
         self._queue: deque[Reply] = deque()
+        self.default_reply: Reply | None = None  # answers when the queue is empty (benchmarks)
+        self.first_content_at: dict[int, float] = {}  # request number -> monotonic time of its first delta
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -119,7 +121,7 @@ class FakeModel:
         self.requests.append(body)
         self.request_headers.append({name.lower(): value for name, value in request.headers.items()})
         number = len(self.requests)
-        reply = self._queue.popleft() if self._queue else Reply(text=f"answer {number}")
+        reply = self._queue.popleft() if self._queue else self.default_reply or Reply(text=f"answer {number}")
         headers = {"x-request-id": f"req_fake_{number}", **reply.headers}
 
         if reply.status != 200:
@@ -142,7 +144,7 @@ class FakeModel:
                 "usage": usage(prompt_tokens, completion_tokens),
             }
             return web.json_response(answer, headers=headers)
-        return await self._stream(request, body, reply, deltas, base, prompt_tokens, headers)
+        return await self._stream(request, body, reply, deltas, base, prompt_tokens, headers, number)
 
     async def _stream(
         self,
@@ -153,6 +155,7 @@ class FakeModel:
         base: dict[str, Any],
         prompt_tokens: int,
         headers: dict[str, str],
+        number: int,
     ) -> web.StreamResponse:
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         response = web.StreamResponse(
@@ -176,6 +179,8 @@ class FakeModel:
             for index, delta in enumerate(deltas[: reply.fail_after_chunks] if broken else deltas):
                 if index:
                     await asyncio.sleep(reply.chunk_delay)
+                else:
+                    self.first_content_at[number] = time.monotonic()
                 await send(chunk({"content": delta}))
             if broken:
                 # Close the socket mid-body: the client sees an incomplete chunked response.

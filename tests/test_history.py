@@ -103,3 +103,14 @@ async def test_an_unreachable_redis_is_a_history_error() -> None:
     with pytest.raises(HistoryError):
         async with open_redis("redis://127.0.0.1:1", Path(".")):
             pass
+
+
+async def test_many_concurrent_commands_wait_for_a_connection_instead_of_failing(
+    redis_url: str, prefix: str, counter: TiktokenCounter, tmp_path: Path
+) -> None:
+    async with open_redis(redis_url, tmp_path) as client:
+        history = RedisHistory(client, counter, prefix=prefix)
+        claims = await asyncio.gather(*(history.claim("T9", f"C9:{i}") for i in range(500)))
+        assert all(claims)
+        assert client.connection_pool.max_connections < 500
+        await client.delete(*[f"{prefix}event:T9:C9:{i}" for i in range(500)])
