@@ -135,15 +135,20 @@ class RedisHistory:
         return ThreadState(active=bool(active), seeded=bool(seeded))
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
-        """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end."""
+        """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end.
+
+        Pages double in size (64, 128, 256, ...), so a budget of a few hundred turns costs two or three
+        round trips and a short thread one.
+        """
         turns: list[Turn] = []
         recounted: dict[int, Turn] = {}
         total = 0
-        page = 0
+        read = 0
+        size = PAGE_SIZE
         with _redis_errors("reading a thread"):
             while total <= token_budget:
-                start, stop = -(page + 1) * PAGE_SIZE, -page * PAGE_SIZE - 1
-                raw = await self._redis.lrange(self._key(key, "turns"), start, stop)
+                stop = -read - 1
+                raw = await self._redis.lrange(self._key(key, "turns"), stop - size + 1, stop)
                 for offset, item in enumerate(reversed(raw)):
                     turn = _decode(item)
                     if turn.encoding != self._counter.encoding_name:
@@ -153,9 +158,10 @@ class RedisHistory:
                     total += turn.tokens
                     if total > token_budget:
                         break
-                if len(raw) < PAGE_SIZE:
+                if len(raw) < size:
                     break
-                page += 1
+                read += size
+                size *= 2
             if recounted:
                 await self._rewrite(key, recounted)
         return turns

@@ -14,6 +14,7 @@ from typing import Any
 
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionChunk
 
 from bot.domain import ChatMessage, Persona, StreamEnd, Usage
 from bot.errors import ModelError, ModelErrorKind
@@ -96,7 +97,15 @@ class OpenAIChat:
         finish_reason: str | None = None
         usage: Usage | None = None
         try:
-            chunks = await self._client.chat.completions.create(**self.request(messages, persona))
+            # The typed create() re-walks the whole message list on every call (several ms for a long
+            # thread); the client's own post() sends the body we built, with the same retries and errors.
+            chunks = await self._client.post(
+                "/chat/completions",
+                body=self.request(messages, persona),
+                cast_to=ChatCompletionChunk,
+                stream=True,
+                stream_cls=openai.AsyncStream[ChatCompletionChunk],
+            )
             async with chunks:
                 async for chunk in chunks:
                     if chunk.usage is not None:

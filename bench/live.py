@@ -1,0 +1,341 @@
+"""Scenarios 2-5 with the real bot: a ``python -m bot run`` process in Socket Mode, driven over loopback.
+
+The bench process runs the fake Slack and the fake model of the tests; the bot runs as its own process
+(so its peak RSS is its own) against them and the same Redis. Times are taken by the fakes: when an
+event envelope leaves the fake Slack, when a Slack call arrives, when the model sends its first token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+
+from bench.corpus import answer, message
+from bot.domain import Role, ThreadKey, Turn
+from bot.history import RedisHistory
+from bot.tokens import TiktokenCounter
+from tests.fake_model import FakeModel, Reply
+from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
+
+WRITES = {"chat.startStream", "chat.appendStream", "chat.stopStream", "chat.update", "chat.postMessage"}
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class LiveBot:
+    """The fakes, and the bot running as a separate process against them."""
+
+    def __init__(self, redis_url: str, prefix: str, **env: str) -> None:
+        self.redis_url, self.prefix, self.env = redis_url, prefix, env
+        self.slack, self.model = FakeSlack(), FakeModel()
+        self.process: asyncio.subprocess.Process | None = None
+        self.log_path = Path(tempfile.mkdtemp(prefix="sgb-bench-")) / "bot.log"
+
+    async def __aenter__(self) -> LiveBot:
+        await self.slack.start()
+        await self.model.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "OPENAI_", "REDIS_"))}
+        env.update(
+            SLACK_BOT_TOKEN="xoxb-bench",
+            SLACK_APP_TOKEN="xapp-bench",
+            SLACK_API_URL=self.slack.api_url,
+            OPENAI_API_KEY="sk-bench",
+            OPENAI_BASE_URL=self.model.base_url,
+            REDIS_URL=self.redis_url,
+            REDIS_PREFIX=self.prefix,
+            DATA_DIR=str(self.log_path.parent),
+            **self.env,
+        )
+        with self.log_path.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", "run", env=env, stdout=log, stderr=log
+            )
+        process = self.process
+        await self.slack.wait_for(
+            lambda: bool(self.slack._sockets) or process.returncode is not None, 30, "the bot's connection"
+        )
+        if process.returncode is not None:
+            tail = self.log_path.read_text().splitlines()[-5:]
+            raise RuntimeError("the bot exited at start-up:\n" + "\n".join(tail))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+        await self.model.close()
+        await self.slack.close()
+
+    def peak_rss_mb(self) -> float:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        return round(kib / 1024, 1)
+
+    async def send(
+        self, channel: str, text: str, *, thread_ts: str | None = None, mention: bool = True
+    ) -> tuple[str, float]:
+        """A person writes in ``channel``; returns the envelope id and when it left the fake Slack."""
+        ts = self.slack.next_ts()
+        if mention:
+            text = f"<@{BOT_USER_ID}> {text}"
+        self.slack.add_message(channel, ts=ts, user="U1", text=text, thread_ts=thread_ts)
+        event: dict[str, Any] = {"type": "app_mention" if mention else "message", "user": "U1", "text": text}
+        event |= {"ts": ts, "channel": channel, "team": TEAM_ID, "channel_type": "channel"}
+        if thread_ts:
+            event["thread_ts"] = thread_ts
+        envelope = await self.slack.send_event(event)
+        return envelope, self.slack._sent[envelope]
+
+    def last_write(self, channel: str, after: float) -> float | None:
+        """When the reply in ``channel`` finished: its chat.stopStream (or last write), after ``after``."""
+        times = [
+            c.at
+            for c in self.slack.calls
+            if c.method == "chat.stopStream" and c.args.get("channel") == channel and c.at >= after
+        ]
+        return max(times) if times else None
+
+    async def replies(self, count: int, timeout: float) -> None:  # noqa: ASYNC109
+        await self.slack.wait_for(
+            lambda: len(self.slack.calls_to("chat.stopStream")) >= count, timeout, f"{count} replies"
+        )
+
+    async def seed_threads(self, counter: TiktokenCounter, channels: list[str], depth: int) -> dict[str, str]:
+        """Threads the bot already takes part in, ``depth`` turns deep; channel -> thread ts."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        history = RedisHistory(client, counter, prefix=self.prefix)
+        rng = random.Random(3)
+        threads = {}
+        for channel in channels:
+            thread_ts = self.slack.next_ts()
+            turns = []
+            for i in range(depth):
+                role: Role = "user" if i % 2 == 0 else "assistant"
+                text = message(rng) if role == "user" else answer(rng)
+                content = f"alice: {text}" if role == "user" else text
+                tokens = counter.message_tokens(role, content)
+                turns.append(
+                    Turn(
+                        role, text, tokens, counter.encoding_name, "", "U1", "alice" if role == "user" else ""
+                    )
+                )
+            await history.append(ThreadKey(TEAM_ID, channel, thread_ts), turns)
+            threads[channel] = thread_ts
+        await client.aclose()
+        return threads
+
+
+def _overhead_row(kind: str, concurrency: int, samples: list[float], goal_applies: bool) -> dict[str, Any]:
+    p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+    return {
+        "scenario": "2. overhead per reply",
+        "case": f"{concurrency} concurrent threads, {kind}",
+        "samples": len(samples),
+        "p50_ms": round(p50 * 1000, 2),
+        "p95_ms": round(percentile(samples, 0.95) * 1000, 2),
+        "p99_ms": round(p99 * 1000, 2),
+        "goal": "p50 <= 5 ms, p99 <= 30 ms at 100 concurrent threads",
+        "met": (p50 <= 0.005 and p99 <= 0.030) if goal_applies else None,
+    }
+
+
+async def overhead(
+    redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: bool
+) -> list[dict[str, Any]]:
+    """Scenario 2: time from the envelope leaving Slack to the reply's last Slack call, minus the model's.
+
+    Two shapes of load, each thread ten or more turns deep:
+    - steady: N conversations in progress at once, each sending its next message when its reply is done,
+      with a 1-second model; starts staggered over that second, as real conversations are;
+    - burst: N messages arriving in the same instant (a 50 ms model), the worst case: all but the first
+      wait behind the others' work, so this measures queueing as much as overhead.
+    """
+    rows = []
+    async with LiveBot(redis_url, prefix + "o:") as bot:
+        finished: dict[str, asyncio.Event] = {}
+        finish_at: dict[str, float] = {}
+
+        def on_call(call: Any) -> None:
+            channel = call.args.get("channel")
+            if call.method == "chat.stopStream" and channel in finished:
+                finish_at[channel] = call.at
+                finished[channel].set()
+
+        bot.slack.call_listeners.append(on_call)
+
+        async def one_reply(channel: str, thread_ts: str, model_seconds: float) -> float:
+            finished[channel] = asyncio.Event()
+            _, at = await bot.send(channel, "and then?", thread_ts=thread_ts, mention=False)
+            await asyncio.wait_for(finished[channel].wait(), 60)
+            return finish_at[channel] - at - model_seconds
+
+        async def conversation(channel: str, thread_ts: str, turns: int, model_seconds: float) -> list[float]:
+            await asyncio.sleep(random.random() * model_seconds)
+            return [await one_reply(channel, thread_ts, model_seconds) for _ in range(turns)]
+
+        steady = 1.0
+        bot.model.default_reply = Reply(
+            text=answer(random.Random(5)), chunk_size=40, first_token_delay=steady
+        )
+        for concurrency in [1, 10] if quick else [1, 10, 100]:
+            channels = [f"CS{concurrency}x{i}" for i in range(concurrency)]
+            threads = await bot.seed_threads(counter, channels, depth=10)
+            await asyncio.gather(*(one_reply(c, threads[c], steady) for c in channels))  # warm up
+            turns = 3 if quick else max(5, 500 // concurrency)
+            results = await asyncio.gather(*(conversation(c, threads[c], turns, steady) for c in channels))
+            samples = [s for result in results for s in result]
+            rows.append(_overhead_row("steady, 1 s model", concurrency, samples, concurrency == 100))
+
+        burst = 0.05
+        bot.model.default_reply = Reply(text=answer(random.Random(5)), chunk_size=40, first_token_delay=burst)
+        for concurrency, rounds in [(10, 2)] if quick else [(10, 10), (100, 5)]:
+            channels = [f"CB{concurrency}x{i}" for i in range(concurrency)]
+            threads = await bot.seed_threads(counter, channels, depth=10)
+            samples = []
+            for round_number in range(rounds + 1):
+                results = await asyncio.gather(*(one_reply(c, threads[c], burst) for c in channels))
+                if round_number:  # round 0 warms up
+                    samples += results
+            rows.append(_overhead_row("all at once, 50 ms model", concurrency, samples, False))
+    return rows
+
+
+async def throughput(redis_url: str, prefix: str, *, quick: bool) -> list[dict[str, Any]]:
+    """Scenario 3: replies per second with an instant model; 1,000 in flight with a 2-second model."""
+    rows = []
+    count = 100 if quick else 1000
+    async with LiveBot(redis_url, prefix + "t:") as bot:
+        bot.model.default_reply = Reply(text="Short answer.", chunk_size=20)
+        await asyncio.gather(*(bot.send(f"CW{i}", "warm up") for i in range(10)))
+        await bot.replies(10, 30)
+        started = time.monotonic()
+        await asyncio.gather(*(bot.send(f"CT{i}", "quick question") for i in range(count)))
+        await bot.replies(10 + count, 120)
+        elapsed = max(c.at for c in bot.slack.calls_to("chat.stopStream")) - started
+        rate = count / elapsed
+        rows.append(
+            {
+                "scenario": "3. throughput",
+                "case": f"{count} replies, instant model",
+                "replies_per_s": round(rate, 1),
+                "goal": ">= 100 replies/s on 2 cores",
+                "met": rate >= 100 if not quick else None,
+            }
+        )
+    in_flight = 100 if quick else 1000
+    async with LiveBot(redis_url, prefix + "f:") as bot:
+        bot.model.default_reply = Reply(text="Answer after thinking.", chunk_size=20, first_token_delay=2.0)
+        envelopes = await asyncio.gather(*(bot.send(f"CF{i}", "slow question") for i in range(in_flight)))
+        acks = [await bot.slack.wait_ack(envelope, 30) for envelope, _ in envelopes]
+        await bot.replies(in_flight, 120)
+        last = max(c.at for c in bot.slack.calls_to("chat.stopStream"))
+        rss = bot.peak_rss_mb()
+        rows.append(
+            {
+                "scenario": "3. conversations in flight",
+                "case": f"{in_flight} at once, 2 s model",
+                "answered": len(bot.slack.calls_to("chat.stopStream")),
+                "max_ack_ms": round(max(acks) * 1000, 1),
+                "all_done_s": round(last - min(at for _, at in envelopes), 2),
+                "peak_rss_mb": rss,
+                "goal": "all answered, peak RSS <= 250 MB, every ack <= 1 s",
+                "met": (max(acks) <= 1.0 and rss <= 250) if not quick else None,
+            }
+        )
+    return rows
+
+
+async def streaming(redis_url: str, prefix: str, *, quick: bool) -> list[dict[str, Any]]:
+    """Scenario 4: first token to first visible text; Slack writes for a 30-second, 1,500-token stream."""
+    rows = []
+    async with LiveBot(redis_url, prefix + "s:") as bot:
+        latencies = []
+        for i in range(3 if quick else 20):
+            bot.model.script(
+                Reply(text="streamed " * 20, chunk_size=9, first_token_delay=0.2, chunk_delay=0.02)
+            )
+            channel = f"CS{i}"
+            _, at = await bot.send(channel, "stream it")
+            await bot.replies(i + 1, 30)
+            number = len(bot.model.requests)
+            first_visible = min(
+                c.at for c in bot.slack.calls_to("chat.startStream") if c.args.get("channel") == channel
+            )
+            latencies.append(first_visible - bot.model.first_content_at[number])
+        rows.append(
+            {
+                "scenario": "4. streaming",
+                "case": "first token -> first visible text",
+                "samples": len(latencies),
+                "p50_ms": round(statistics.median(latencies) * 1000, 1),
+                "max_ms": round(max(latencies) * 1000, 1),
+                "goal": "<= 300 ms",
+                "met": max(latencies) <= 0.3,
+            }
+        )
+        tokens = 150 if quick else 1500
+        bot.model.script(Reply(chunks=[f"tok{i} " for i in range(tokens)], chunk_delay=0.02))
+        _, at = await bot.send("CLONG", "a long one")
+        await bot.slack.wait_for(
+            lambda: bot.last_write("CLONG", at) is not None, tokens * 0.02 + 30, "the long reply"
+        )
+        writes = [c for c in bot.slack.calls if c.method in WRITES and c.args.get("channel") == "CLONG"]
+        rows.append(
+            {
+                "scenario": "4. streaming",
+                "case": f"Slack writes for a {tokens * 0.02:.0f} s, {tokens}-token stream",
+                "writes": len(writes),
+                "goal": "<= 35 writes for 30 s",
+                "met": len(writes) <= 35 if not quick else None,
+            }
+        )
+    return rows
+
+
+async def first_mention(redis_url: str, prefix: str, *, quick: bool) -> list[dict[str, Any]]:
+    """Scenario 5: the cost of the first mention in a 500-message thread (read with conversations.replies)."""
+    size = 500
+    rng = random.Random(9)
+    async with LiveBot(redis_url, prefix + "m:") as bot:
+        bot.model.default_reply = Reply(text="Here is the summary.", chunk_size=20)
+        await bot.send("CWARM", "warm up")
+        await bot.replies(1, 30)
+        _, at = await bot.send("CFRESH", "summarize")
+        await bot.replies(2, 30)
+        fresh = bot.last_write("CFRESH", at)
+        parent = bot.slack.next_ts()
+        bot.slack.add_message("CBIG", ts=parent, user="U1", text=message(rng))
+        for i in range(size - 1):
+            bot.slack.add_message(
+                "CBIG", ts=bot.slack.next_ts(), user=("U1", "U2")[i % 2], text=message(rng), thread_ts=parent
+            )
+        pages_before = len(bot.slack.calls_to("conversations.replies"))
+        _, big_at = await bot.send("CBIG", "summarize this thread", thread_ts=parent)
+        await bot.replies(3, 60)
+        big = bot.last_write("CBIG", big_at)
+        assert fresh is not None and big is not None
+        return [
+            {
+                "scenario": "5. storage",
+                "case": f"first mention in a {size}-message thread",
+                "reply_ms": round((big - big_at) * 1000, 1),
+                "fresh_thread_reply_ms": round((fresh - at) * 1000, 1),
+                "extra_ms": round((big - big_at - (fresh - at)) * 1000, 1),
+                "replies_pages": len(bot.slack.calls_to("conversations.replies")) - pages_before,
+                "goal": "reported",
+                "met": None,
+            }
+        ]
