@@ -45,7 +45,7 @@ def _redis_errors(action: str) -> Iterator[None]:
         raise HistoryError(f"Redis failed while {action}: {type(exc).__name__}: {exc}") from exc
 
 
-def _encode(turn: Turn) -> bytes:
+def _encode(turn: Turn) -> str:
     # orjson: decoding the kept turns is most of what building a context costs.
     return orjson.dumps(
         {
@@ -57,7 +57,7 @@ def _encode(turn: Turn) -> bytes:
             "uid": turn.speaker_id,
             "name": turn.speaker_name,
         }
-    )
+    ).decode()
 
 
 def _decode(raw: str | bytes) -> Turn:
