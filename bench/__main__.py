@@ -141,4 +141,9 @@ async def main(quick: bool) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute (what CI does)")
-    sys.exit(asyncio.run(main(parser.parse_args().quick)))
+    parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from results.json")
+    args = parser.parse_args()
+    if args.report:
+        (HERE / "RESULTS.md").write_text(report(json.loads((HERE / "results.json").read_text())))
+        sys.exit(0)
+    sys.exit(asyncio.run(main(args.quick)))

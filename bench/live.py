@@ -64,7 +64,7 @@ class LiveBot:
             )
         process = self.process
         await self.slack.wait_for(
-            lambda: bool(self.slack._sockets) or process.returncode is not None, 30, "the bot's connection"
+            lambda: self.slack.connected or process.returncode is not None, 30, "the bot's connection"
         )
         if process.returncode is not None:
             tail = self.log_path.read_text().splitlines()[-5:]
@@ -97,7 +97,7 @@ class LiveBot:
         if thread_ts:
             event["thread_ts"] = thread_ts
         envelope = await self.slack.send_event(event)
-        return envelope, self.slack._sent[envelope]
+        return envelope, self.slack.sent_at(envelope)
 
     def last_write(self, channel: str, after: float) -> float | None:
         """When the reply in ``channel`` finished: its chat.stopStream (or last write), after ``after``."""

@@ -33,6 +33,9 @@ DEDUP_SECONDS = 3600
 NAME_CACHE_SECONDS = 24 * 3600
 LOCK_LEASE_SECONDS = 30.0
 LOCK_WAIT_SECONDS = 180.0
+# How often a reply waiting for its thread retries: a follow-up often arrives while the previous reply is
+# still storing its answer, a few milliseconds from release.
+LOCK_POLL_SECONDS = 0.01
 MAX_CONNECTIONS = 64
 POOL_WAIT_SECONDS = 10.0
 
@@ -105,7 +108,10 @@ class RedisHistory:
     async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
         """Hold the thread (SET NX PX, compare-and-delete release), renewing the lease while held."""
         lock = self._redis.lock(
-            self._key(key, "lock"), timeout=LOCK_LEASE_SECONDS, sleep=0.05, blocking_timeout=LOCK_WAIT_SECONDS
+            self._key(key, "lock"),
+            timeout=LOCK_LEASE_SECONDS,
+            sleep=LOCK_POLL_SECONDS,
+            blocking_timeout=LOCK_WAIT_SECONDS,
         )
         with _redis_errors("locking a thread"):
             if not await lock.acquire():

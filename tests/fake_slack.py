@@ -123,6 +123,15 @@ class FakeSlack:
 
     # ---- inspection and seeding ------------------------------------------------------------------
 
+    @property
+    def connected(self) -> bool:
+        """True while a Socket Mode client is connected."""
+        return bool(self._sockets)
+
+    def sent_at(self, envelope_id: str) -> float:
+        """When an envelope left the fake (time.monotonic())."""
+        return self._sent[envelope_id]
+
     def calls_to(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
