@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import time
 from typing import Any
 
 import redis.asyncio as redis
 
 from bench.corpus import answer, message
+from bench.live import percentile
 from bot.conversation import build_context, safety_margin
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
@@ -61,10 +61,9 @@ def naive_context(
 
 
 def _ms(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
     return {
-        "median_ms": round(statistics.median(ordered) * 1000, 3),
-        "p95_ms": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000, 3),
+        "median_ms": round(percentile(samples, 0.5) * 1000, 3),
+        "p95_ms": round(percentile(samples, 0.95) * 1000, 3),
     }
 
 

@@ -223,9 +223,12 @@ class SlackReplyStream:
         self._sent = len(self._text)
         self._last_flush = time.monotonic()
 
-    async def _start(self) -> None:
+    async def _status_sent(self) -> None:
         if self._status is not None:
             await self._status
+
+    async def _start(self) -> None:
+        await self._status_sent()
         if self._mode == "native":
             try:
                 response = await self._client.chat_startStream(
@@ -253,8 +256,7 @@ class SlackReplyStream:
         if not self._text.strip():
             return
         if self._mode == "off":
-            if self._status is not None:
-                await self._status
+            await self._status_sent()
             await self._call("chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text)
         else:
             if self._ts is None:
