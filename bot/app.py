@@ -11,24 +11,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.async_app import AsyncApp
+from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, PersonaCommands
 from bot.conversation import Responder
 from bot.domain import Incoming
 from bot.errors import GENERIC_USER_MESSAGE, BotError
 from bot.history import RedisHistory, open_redis
 from bot.llm import OpenAIChat, make_client
-from bot.personas import FilePersonas
+from bot.personas import FilePersonas, PersonaStore
 from bot.settings import Settings, secret_value
 from bot.slack import SlackAdapter, check_app_token, fetch_identity, parse_event
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
@@ -84,7 +85,7 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
     """Every client the bot needs, connected and checked, and the Bolt app wired to the pipeline."""
     encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
     counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
-    personas = FilePersonas.load(settings.system_prompt, settings.personas_file)
+    files = FilePersonas.load(settings.system_prompt, settings.personas_file)
     openai_client = make_client(
         api_key=secret_value(settings.openai_api_key),
         base_url=settings.openai_base_url,
@@ -111,6 +112,9 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
             ttl_seconds=settings.history_ttl_seconds,
             max_turns=settings.history_max_messages,
         )
+        personas = PersonaStore(
+            redis_client, files, prefix=settings.redis_prefix, thread_ttl_seconds=settings.history_ttl_seconds
+        )
         identity = await fetch_identity(web_client)
         slack = SlackAdapter(
             web_client,
@@ -131,6 +135,7 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
         )
         bot = Bot(_bolt_app(settings, web_client, identity), responder, slack, settings)
         _listen(bot, identity)
+        _manage_personas(bot.app, PersonaCommands(web_client, personas, counter, settings.persona_admin_ids))
         log.info(
             "ready: team %s, bot user %s, encoding %s", identity["team_id"], identity["user_id"], encoding
         )
@@ -178,6 +183,41 @@ def _listen(bot: Bot, identity: dict[str, str]) -> None:
     # A mention in a channel arrives twice (app_mention and message); the pipeline answers it once.
     bot.app.event("app_mention")(on_message)
     bot.app.event("message")(on_message)
+
+
+def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
+    """``/persona``, its editor and App Home: ack first, then work (no Slack call before an ack)."""
+
+    async def safely(what: str, work: Awaitable[None]) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("%s failed", what)
+
+    async def on_command(ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        await safely("/persona", commands.command(body))
+
+    async def on_editor(ack: AsyncAck, body: dict[str, Any]) -> None:
+        errors = await commands.submit_editor(body)  # no Slack call: errors must travel in the ack
+        if errors:
+            await ack(**errors)
+            return
+        await ack()
+        await safely("saving the persona editor", commands.save_editor(body))
+
+    async def on_edit_button(ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        await safely("opening the persona editor", commands.open_editor_from_home(body))
+
+    async def on_home(body: dict[str, Any], event: dict[str, Any]) -> None:
+        if event.get("tab") == "home":
+            await safely("publishing App Home", commands.publish_home(body["team_id"], event["user"]))
+
+    app.command("/persona")(on_command)
+    app.view(EDITOR_CALLBACK)(on_editor)
+    app.action(EDIT_ACTION)(on_edit_button)
+    app.event("app_home_opened")(on_home)
 
 
 async def serve_socket_mode(bot: Bot, stop: asyncio.Event) -> None:

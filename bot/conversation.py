@@ -10,6 +10,7 @@ into Slack, store the question and answer. It does no I/O of its own; it talks t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -45,6 +46,15 @@ class Context:
     estimated_tokens: int
     kept_turns: int
     trimmed: bool
+
+
+_PERSONA_REQUEST = re.compile(r"^\s*persona:([A-Za-z0-9_-]{1,40})\s*")
+
+
+def split_persona_request(text: str) -> tuple[str | None, str]:
+    """``persona:NAME rest`` -> (NAME, rest): a thread's first message may choose its persona."""
+    match = _PERSONA_REQUEST.match(text)
+    return (match.group(1), text[match.end() :]) if match else (None, text)
 
 
 def safety_margin(budget: int) -> int:
@@ -129,13 +139,16 @@ class Responder:
             return
         async with self.history.lock(incoming.key):
             text = await self.slack.readable(incoming.key.team, incoming.text)
+            requested = None
+            if not incoming.in_thread:
+                requested, text = split_persona_request(text)
             if not text.strip():
                 await self.slack.post(incoming, EMPTY_MENTION_HINT)
                 return
             if incoming.in_thread and not active:
                 await self._read_thread_if_unseen(incoming)
             question = await self._question(incoming, text)
-            persona = await self.personas.resolve(incoming.key)
+            persona = await self.personas.resolve(incoming.key, requested)
             reply = self.slack.reply_stream(incoming)
             try:
                 answer = await self._answer(incoming, persona, question, reply)

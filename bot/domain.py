@@ -162,7 +162,9 @@ class ChatModel(Protocol):
 class PersonaSource(Protocol):
     """Chooses the persona for a thread."""
 
-    async def resolve(self, key: ThreadKey) -> Persona: ...
+    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
+        """The thread's persona; ``requested`` is a name its first message asked for, if any."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,14 @@
-"""Personas: which system prompt and model parameters apply to a thread.
+"""Personas: which system prompt and model parameters apply to a thread, and where they are kept.
 
-Resolution order is channel mapping, else the default persona (``SYSTEM_PROMPT``). Named personas and
-channel mappings come from ``PERSONAS_FILE``, a YAML file validated at start-up: every problem in it
-is reported at once as a ``ConfigError``.
+Resolution: the persona pinned to the thread (a thread keeps the one it started with), else the one
+its first message asked for (``persona:NAME``), else the channel's (set from Slack), else the channel's
+mapping in ``PERSONAS_FILE``, else the default (``SYSTEM_PROMPT``).
+
+``PERSONAS_FILE`` is YAML, validated at start-up; every problem in it is reported at once as a
+``ConfigError``. Personas made in Slack live in Redis per workspace (``sgb:persona:{T}:...``): named
+personas (they shadow a file persona of the same name), each channel's assignment with who set it and
+when, and an audit list per channel that ``/persona history`` and ``/persona undo`` read. Nothing is
+cached in-process, so every replica sees a change at once.
 
     personas:
       pirate:
@@ -15,17 +21,38 @@ is reported at once as a ``ConfigError``.
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import orjson
+import redis.asyncio as redis
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bot.domain import Persona, ThreadKey
+from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
 
 DEFAULT_NAME = "default"
+CUSTOM_NAME = "custom"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+NAME_RULE = "1-40 characters: letters, digits, - and _"
+MAX_PROMPT_TOKENS = 8000
+AUDIT_KEPT = 50
+# What each parameter allows, in the words users see when a value is refused.
+ALLOWED = {
+    "system_prompt": f"a prompt of 1 to {MAX_PROMPT_TOKENS:,} tokens",
+    "model": "a model name",
+    "temperature": "a number from 0 to 2",
+    "top_p": "a number from 0 to 1",
+    "max_tokens": "a whole number of at least 1",
+    "presence_penalty": "a number from -2 to 2",
+    "frequency_penalty": "a number from -2 to 2",
+    "stop": "at most 4 stop sequences",
+}
 
 
 class _PersonaSpec(BaseModel):
@@ -98,6 +125,161 @@ class FilePersonas:
         named, channels = parse_personas(text, f"PERSONAS_FILE {path}")
         return cls(default, named, channels)
 
-    async def resolve(self, key: ThreadKey) -> Persona:
-        name = self.channels.get(key.channel)
-        return self.named[name] if name else self.default
+
+def persona_errors(fields: Mapping[str, Any], counter: TokenCounter) -> dict[str, str]:
+    """Field -> what is allowed, for every field of a persona that breaks a rule; empty when valid."""
+    errors: dict[str, str] = {}
+    try:
+        _PersonaSpec.model_validate(fields)
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "system_prompt"
+            errors[field] = f"Must be {ALLOWED.get(field, 'valid')}."
+    prompt = fields.get("system_prompt")
+    if isinstance(prompt, str) and counter.message_tokens("system", prompt) > MAX_PROMPT_TOKENS:
+        errors["system_prompt"] = f"Too long: must be {ALLOWED['system_prompt']}."
+    return errors
+
+
+def _dump(persona: Persona | None) -> dict[str, Any] | None:
+    return None if persona is None else {k: v for k, v in asdict(persona).items() if v is not None}
+
+
+def _load(data: Mapping[str, Any] | None) -> Persona | None:
+    if not data:
+        return None
+    stop = data.get("stop")
+    return Persona(**{**data, "stop": tuple(stop) if stop else None})
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """The persona in force in a channel, and where it came from."""
+
+    persona: Persona
+    source: str  # "slack", "file" or "default"
+    by: str = ""
+    at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of a channel's persona history."""
+
+    by: str
+    at: float
+    before: Persona | None
+    after: Persona | None
+    action: str  # "use", "set", "edit", "reset", "undo"
+
+
+class PersonaStore:
+    """Implements ``domain.PersonaSource``: file personas plus those made in Slack, kept in Redis."""
+
+    def __init__(
+        self, client: redis.Redis, files: FilePersonas, *, prefix: str, thread_ttl_seconds: int
+    ) -> None:
+        self._redis = client
+        self.files = files
+        self._prefix = prefix
+        self._thread_ttl = thread_ttl_seconds
+
+    @property
+    def default(self) -> Persona:
+        return self.files.default
+
+    def _key(self, team: str, *parts: str) -> str:
+        return ":".join([f"{self._prefix}persona", team, *parts])
+
+    async def named(self, team: str) -> dict[str, tuple[Persona, str]]:
+        """Every named persona -> (persona, "file" or "slack"); a Slack one shadows a file one."""
+        found = {name: (persona, "file") for name, persona in self.files.named.items()}
+        for name, raw in (await self._redis.hgetall(self._key(team, "named"))).items():
+            persona = _load(orjson.loads(raw))
+            if persona is not None:
+                found[str(name)] = (persona, "slack")
+        return dict(sorted(found.items()))
+
+    async def find(self, team: str, name: str) -> Persona | None:
+        raw = await self._redis.hget(self._key(team, "named"), name)
+        return _load(orjson.loads(raw)) if raw else self.files.named.get(name)
+
+    async def save_named(self, team: str, persona: Persona) -> None:
+        await self._redis.hset(self._key(team, "named"), persona.name, orjson.dumps(_dump(persona)).decode())
+
+    async def delete_named(self, team: str, name: str) -> bool:
+        """Delete a persona made in Slack; False when there is none (file personas cannot be deleted)."""
+        return bool(await self._redis.hdel(self._key(team, "named"), name))
+
+    async def assignment(self, team: str, channel: str) -> Assignment:
+        """The channel's persona as set in Slack, else by the file, else the default."""
+        raw = await self._redis.get(self._key(team, "channel", channel))
+        if raw:
+            data = orjson.loads(raw)
+            persona = _load(data["persona"])
+            if persona is not None:
+                return Assignment(persona, "slack", data["by"], data["at"])
+            return Assignment(self.default, "default", data["by"], data["at"])
+        mapped = self.files.channels.get(channel)
+        if mapped:
+            return Assignment(self.files.named[mapped], "file")
+        return Assignment(self.default, "default")
+
+    async def assign(
+        self, team: str, channel: str, persona: Persona | None, *, by: str, action: str
+    ) -> Change:
+        """Make ``persona`` (None: the default) the channel's, and record the change."""
+        before = await self.assignment(team, channel)
+        now = time.time()
+        change = Change(by, now, before.persona, persona or self.default, action)
+        entry = {
+            "by": by,
+            "at": now,
+            "before": _dump(change.before),
+            "after": _dump(change.after),
+            "action": action,
+        }
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(
+                self._key(team, "channel", channel),
+                orjson.dumps({"persona": _dump(persona), "by": by, "at": now}),
+            )
+            pipe.lpush(self._key(team, "audit", channel), orjson.dumps(entry))
+            pipe.ltrim(self._key(team, "audit", channel), 0, AUDIT_KEPT - 1)
+            await pipe.execute()
+        return change
+
+    async def history(self, team: str, channel: str, count: int = 10) -> list[Change]:
+        """The channel's latest changes, newest first."""
+        raws = await self._redis.lrange(self._key(team, "audit", channel), 0, count - 1)
+        changes = []
+        for raw in raws:
+            data = orjson.loads(raw)
+            changes.append(
+                Change(data["by"], data["at"], _load(data["before"]), _load(data["after"]), data["action"])
+            )
+        return changes
+
+    async def undo(self, team: str, channel: str, *, by: str) -> Change | None:
+        """Restore the persona the channel had before its latest change."""
+        latest = await self.history(team, channel, 1)
+        if not latest:
+            return None
+        before = latest[0].before
+        return await self.assign(
+            team, channel, None if before == self.default else before, by=by, action="undo"
+        )
+
+    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
+        """The thread's pinned persona; else the requested named one or the channel's, pinned from now on."""
+        pin = f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"
+        raw = await self._redis.getex(pin, ex=self._thread_ttl)
+        if raw:
+            pinned = _load(orjson.loads(raw))
+            if pinned is not None:
+                return pinned
+        persona = await self.find(key.team, requested) if requested else None
+        if persona is None:
+            persona = (await self.assignment(key.team, key.channel)).persona
+        await self._redis.set(pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
+        return persona

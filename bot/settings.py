@@ -59,6 +59,9 @@ class Settings(BaseSettings):
 
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     personas_file: Path | None = None
+    # Who may change personas: user ids (U...) and/or user group ids (S...), comma-separated.
+    # Unset: any member of the channel.
+    persona_admins: str = ""
 
     max_prompt_tokens: Annotated[int, Field(ge=256)] = 16000
     max_reply_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -77,6 +80,11 @@ class Settings(BaseSettings):
     redis_prefix: str = "sgb:"
     data_dir: Path = Path("data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def persona_admin_ids(self) -> frozenset[str]:
+        """``PERSONA_ADMINS`` as a set of user and user group ids."""
+        return frozenset(part.strip() for part in self.persona_admins.split(",") if part.strip())
 
     @field_validator("slack_api_url")
     @classmethod

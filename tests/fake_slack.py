@@ -71,8 +71,13 @@ class FakeSlack:
         }
         self.users[BOT_USER_ID]["profile"]["bot_id"] = BOT_ID
         self.fail: dict[str, str] = {}
+        self.delay: dict[str, float] = {}  # method -> seconds to wait before answering
         self.call_listeners: list[Callable[[Call], None]] = []  # told of every call as it arrives
         self.acks: dict[str, float] = {}
+        self.ack_payloads: dict[str, dict[str, Any]] = {}  # envelope_id -> the payload sent with the ack
+        self.members: dict[str, list[str]] = {}  # channel -> member ids (conversations.members)
+        self.usergroups: dict[str, list[str]] = {}  # usergroup id -> member ids
+        self.bot_channels: list[dict[str, Any]] = []  # users.conversations: the channels the bot is in
         self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
         self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
         self._last_ts_us = 1_700_000_000_000_000
@@ -93,6 +98,20 @@ class FakeSlack:
             "conversations.replies": self._replies,
             "users.info": self._users_info,
             "chat.postEphemeral": lambda _: {"message_ts": self.next_ts()},
+            "conversations.members": lambda args: {
+                "members": self.members.get(args.get("channel", ""), []),
+                "response_metadata": {"next_cursor": ""},
+            },
+            "conversations.open": lambda args: {
+                "channel": {"id": "D" + str(args.get("users", "")).lstrip("U")}
+            },
+            "usergroups.users.list": lambda args: {
+                "users": self.usergroups.get(args.get("usergroup", ""), [])
+            },
+            "users.conversations": lambda _: {
+                "channels": self.bot_channels,
+                "response_metadata": {"next_cursor": ""},
+            },
             "views.open": self._view,
             "views.update": self._view,
             "views.publish": self._view,
@@ -217,6 +236,36 @@ class FakeSlack:
             "events_api", self.event_callback(event, event_id=event_id, team_id=team_id)
         )
 
+    async def send_command(
+        self, text: str, *, channel: str = "C1", user: str = "U1", command: str = "/persona"
+    ) -> dict[str, Any]:
+        """A slash command over Socket Mode; returns the payload the app acked it with."""
+        payload = {
+            "token": "verif",
+            "team_id": TEAM_ID,
+            "team_domain": "fake",
+            "channel_id": channel,
+            "channel_name": "directmessage" if channel.startswith("D") else "general",
+            "user_id": user,
+            "user_name": self.users.get(user, {}).get("name", user),
+            "command": command,
+            "text": text,
+            "api_app_id": APP_ID,
+            "response_url": f"http://127.0.0.1:{self._port}/response",
+            "trigger_id": f"trigger-{uuid.uuid4().hex[:8]}",
+        }
+        envelope_id = await self._send_envelope("slash_commands", payload)
+        await self.wait_ack(envelope_id)
+        return self.ack_payloads[envelope_id]
+
+    async def send_interaction(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """A block action or view submission over Socket Mode; returns the ack payload."""
+        payload = {"team": {"id": TEAM_ID, "domain": "fake"}, "api_app_id": APP_ID, **payload}
+        payload.setdefault("trigger_id", f"trigger-{uuid.uuid4().hex[:8]}")
+        envelope_id = await self._send_envelope("interactive", payload)
+        await self.wait_ack(envelope_id)
+        return self.ack_payloads[envelope_id]
+
     async def wait_ack(self, envelope_id: str, timeout: float = 5.0) -> float:  # noqa: ASYNC109
         await self.wait_for(lambda: envelope_id in self.acks, timeout, f"ack of envelope {envelope_id}")
         return self.acks[envelope_id] - self._sent[envelope_id]
@@ -252,9 +301,11 @@ class FakeSlack:
             )
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
-                    envelope_id = json.loads(msg.data).get("envelope_id")
+                    ack = json.loads(msg.data)
+                    envelope_id = ack.get("envelope_id")
                     if isinstance(envelope_id, str):
                         self.acks[envelope_id] = time.monotonic()
+                        self.ack_payloads[envelope_id] = ack.get("payload") or {}
         finally:
             self._sockets.remove(ws)
         return ws
@@ -277,6 +328,7 @@ class FakeSlack:
         self.calls.append(call)
         for listener in self.call_listeners:
             listener(call)
+        await asyncio.sleep(self.delay.get(method, 0.0))  # recorded on arrival, answered late
         handler = self._handlers.get(method)
         try:
             if method in self.fail:

@@ -205,7 +205,7 @@ class StaticPersonas:
         self.default = default
         self.channels = dict(channels or {})
 
-    async def resolve(self, key: ThreadKey) -> Persona:
+    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
         return self.channels.get(key.channel, self.default)
 
 

@@ -520,25 +520,6 @@ def test_file_personas_load_reports_problems_with_the_file_path(tmp_path: Path) 
     assert str(path) in raised.value.problems[0]
 
 
-async def test_file_personas_resolve_a_mapped_channel_else_the_default(tmp_path: Path) -> None:
-    path = tmp_path / "personas.yaml"
-    path.write_text(VALID_PERSONAS, encoding="utf-8")
-    personas = FilePersonas.load("Default prompt.", path)
-
-    mapped = await personas.resolve(ThreadKey(TEAM, "C0123", "1.1"))
-    other = await personas.resolve(ThreadKey(TEAM, "C9", "1.1"))
-
-    assert mapped.name == "pirate"
-    assert mapped.model == "gpt-4o"
-    assert other == Persona(name="default", system_prompt="Default prompt.")
-
-
-async def test_file_personas_without_a_file_always_resolve_the_default() -> None:
-    personas = FilePersonas.load("Default prompt.", None)
-
-    assert await personas.resolve(ThreadKey(TEAM, "C0123", "1.1")) == Persona("default", "Default prompt.")
-
-
 # bot.tokens --------------------------------------------------------------------------------------------
 
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
