@@ -21,6 +21,8 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.domain import Persona, TokenCounter
+from bot.errors import BotError
+from bot.history import redis_errors
 from bot.personas import (
     ALLOWED,
     CUSTOM_NAME,
@@ -192,10 +194,16 @@ class PersonaCommands:
         verb, _, rest = str(body.get("text") or "").strip().partition(" ")
         verb, rest = verb.lower(), rest.strip()
         try:
-            answer = await self._dispatch(team, channel, user, verb, rest, str(body.get("trigger_id", "")))
+            with redis_errors(f"running /persona {verb}"):
+                answer = await self._dispatch(
+                    team, channel, user, verb, rest, str(body.get("trigger_id", ""))
+                )
         except SlackApiError as exc:
             log.warning("/persona %s failed on Slack: %s", verb, exc.response.get("error"))
             answer = "Sorry, Slack refused part of that. Please try again."
+        except BotError as exc:
+            log.warning("/persona %s failed: %s", verb, exc)
+            answer = exc.user_message
         if answer:
             await self.tell(channel, user, answer)
 

@@ -41,7 +41,8 @@ POOL_WAIT_SECONDS = 10.0
 
 
 @contextlib.contextmanager
-def _redis_errors(action: str) -> Iterator[None]:
+def redis_errors(action: str) -> Iterator[None]:
+    """Turn any Redis failure into a ``HistoryError`` naming what the bot was doing."""
     try:
         yield
     except RedisError as exc:
@@ -99,7 +100,7 @@ class RedisHistory:
 
     async def claim(self, team: str, dedup_key: str) -> bool:
         """True the first time a message is seen (SET NX EX), so retries and replicas answer once."""
-        with _redis_errors("deduplicating an event"):
+        with redis_errors("deduplicating an event"):
             return bool(
                 await self._redis.set(f"{self._prefix}event:{team}:{dedup_key}", 1, nx=True, ex=DEDUP_SECONDS)
             )
@@ -113,7 +114,7 @@ class RedisHistory:
             sleep=LOCK_POLL_SECONDS,
             blocking_timeout=LOCK_WAIT_SECONDS,
         )
-        with _redis_errors("locking a thread"):
+        with redis_errors("locking a thread"):
             if not await lock.acquire():
                 raise ThreadBusy(f"thread {key} stayed locked for {LOCK_WAIT_SECONDS:.0f}s")
         renewal = asyncio.create_task(self._renew(lock))
@@ -136,7 +137,7 @@ class RedisHistory:
                 return
 
     async def state(self, key: ThreadKey) -> ThreadState:
-        with _redis_errors("reading thread state"):
+        with redis_errors("reading thread state"):
             active, seeded = await self._redis.hmget(self._key(key, "meta"), ["active", "seeded"])
         return ThreadState(active=bool(active), seeded=bool(seeded))
 
@@ -151,7 +152,7 @@ class RedisHistory:
         total = 0
         read = 0
         size = PAGE_SIZE
-        with _redis_errors("reading a thread"):
+        with redis_errors("reading a thread"):
             while total <= token_budget:
                 stop = -read - 1
                 raw = await self._redis.lrange(self._key(key, "turns"), stop - size + 1, stop)
@@ -191,7 +192,7 @@ class RedisHistory:
 
     async def _store(self, key: ThreadKey, turns: Sequence[Turn], *, flag: str, action: str) -> None:
         turns_key, meta_key = self._key(key, "turns"), self._key(key, "meta")
-        with _redis_errors(action):
+        with redis_errors(action):
             async with self._redis.pipeline(transaction=True) as pipe:
                 if turns:
                     pipe.rpush(turns_key, *(_encode(t) for t in turns))
@@ -203,13 +204,13 @@ class RedisHistory:
 
     async def cached_name(self, team: str, user_id: str) -> str | None:
         """A display name looked up earlier, if still cached."""
-        with _redis_errors("reading a display name"):
+        with redis_errors("reading a display name"):
             name = await self._redis.hget(f"{self._prefix}user:{team}:{user_id}", "name")
         return name.decode() if isinstance(name, bytes) else name
 
     async def cache_name(self, team: str, user_id: str, name: str) -> None:
         key = f"{self._prefix}user:{team}:{user_id}"
-        with _redis_errors("caching a display name"):
+        with redis_errors("caching a display name"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hset(key, "name", name)
                 pipe.expire(key, NAME_CACHE_SECONDS)
@@ -237,7 +238,7 @@ async def open_redis(url: str | None, data_dir: Path) -> AsyncIterator[redis.Red
     )
     client = redis.Redis.from_pool(pool)
     try:
-        with _redis_errors("connecting"):
+        with redis_errors("connecting"):
             await client.ping()
         yield client
     finally:

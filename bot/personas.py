@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
+from bot.history import redis_errors
 
 DEFAULT_NAME = "default"
 CUSTOM_NAME = "custom"
@@ -273,13 +274,14 @@ class PersonaStore:
     async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
         """The thread's pinned persona; else the requested named one or the channel's, pinned from now on."""
         pin = f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"
-        raw = await self._redis.getex(pin, ex=self._thread_ttl)
-        if raw:
-            pinned = _load(orjson.loads(raw))
-            if pinned is not None:
-                return pinned
-        persona = await self.find(key.team, requested) if requested else None
-        if persona is None:
-            persona = (await self.assignment(key.team, key.channel)).persona
-        await self._redis.set(pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
+        with redis_errors("resolving a persona"):
+            raw = await self._redis.getex(pin, ex=self._thread_ttl)
+            if raw:
+                pinned = _load(orjson.loads(raw))
+                if pinned is not None:
+                    return pinned
+            persona = await self.find(key.team, requested) if requested else None
+            if persona is None:
+                persona = (await self.assignment(key.team, key.channel)).persona
+            await self._redis.set(pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
         return persona
