@@ -25,7 +25,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, PersonaCommands
 from bot.conversation import Responder
-from bot.domain import Incoming
+from bot.domain import Incoming, Persona
 from bot.errors import GENERIC_USER_MESSAGE, BotError
 from bot.history import RedisHistory, open_redis
 from bot.llm import OpenAIChat, make_client
@@ -37,6 +37,25 @@ from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def model_defaults(settings: Settings) -> Persona:
+    """The Chat Completions parameters the settings give every reply (a persona's own win)."""
+    return Persona(
+        name="settings",
+        system_prompt=settings.system_prompt,
+        model=settings.openai_model,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_reply_tokens,
+        presence_penalty=settings.presence_penalty,
+        frequency_penalty=settings.frequency_penalty,
+        stop=tuple(settings.stop) if settings.stop else None,
+        logit_bias=settings.logit_bias,
+        seed=settings.seed,
+        reasoning_effort=settings.reasoning_effort,
+        service_tier=settings.service_tier,
+    )
 
 
 @dataclass
@@ -87,12 +106,14 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
     counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
     files = FilePersonas.load(settings.system_prompt, settings.personas_file)
     openai_client = make_client(
-        api_key=secret_value(settings.openai_api_key),
+        api_key=secret_value(settings.azure_openai_api_key or settings.openai_api_key),
         base_url=settings.openai_base_url,
         organization=settings.openai_org_id,
         project=settings.openai_project_id,
         timeout_seconds=settings.openai_timeout_seconds,
         max_retries=settings.openai_max_retries,
+        azure_endpoint=settings.azure_openai_endpoint,
+        api_version=settings.openai_api_version,
     )
     async with (
         # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
@@ -126,7 +147,11 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
         responder = Responder(
             history=history,
             model=OpenAIChat(
-                openai_client, default_model=settings.openai_model, max_reply_tokens=settings.max_reply_tokens
+                openai_client,
+                defaults=model_defaults(settings),
+                max_tokens_param=settings.max_tokens_param,
+                user_id_param=settings.user_id_param if settings.send_user_id else None,
+                user_id_key=settings.user_id_key,
             ),
             slack=slack,
             personas=personas,

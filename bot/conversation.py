@@ -188,17 +188,17 @@ class Responder:
             history = await self.history.recent(incoming.key, budget)
             context = build_context(persona.system_prompt, history, question, budget, self.counter)
             try:
-                return await self._stream(context, persona, reply)
+                return await self._stream(context, persona, reply, f"{incoming.key.team}:{incoming.user_id}")
             except ModelError as exc:
                 if exc.kind != "context_length" or budget < self.max_prompt_tokens:
                     raise
                 log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
                 budget //= 2
 
-    async def _stream(self, context: Context, persona: Persona, reply: ReplyStream) -> Turn:
+    async def _stream(self, context: Context, persona: Persona, reply: ReplyStream, end_user: str) -> Turn:
         parts: list[str] = []
         end = StreamEnd(finish_reason=None, usage=None)
-        async for piece in self.model.stream(context.messages, persona):
+        async for piece in self.model.stream(context.messages, persona, end_user):
             if isinstance(piece, StreamEnd):
                 end = piece
             elif piece:

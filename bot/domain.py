@@ -86,6 +86,10 @@ class Persona:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     stop: tuple[str, ...] | None = None
+    logit_bias: dict[str, int] | None = None
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +160,11 @@ class History(Protocol):
 class ChatModel(Protocol):
     """The model boundary: one method that yields text chunks, then a ``StreamEnd``."""
 
-    def stream(self, messages: Sequence[ChatMessage], persona: Persona) -> AsyncIterator[str | StreamEnd]: ...
+    def stream(
+        self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
+    ) -> AsyncIterator[str | StreamEnd]:
+        """``end_user`` ("team:user") identifies who asked, for the provider's abuse monitoring."""
+        ...
 
 
 class PersonaSource(Protocol):

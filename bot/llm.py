@@ -9,11 +9,13 @@ errors, honouring ``retry-after``) are the openai client's own.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import openai
-from openai import AsyncOpenAI
+from openai import AsyncAzureOpenAI, AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
 from bot.domain import ChatMessage, Persona, StreamEnd, Usage
@@ -28,15 +30,31 @@ def make_client(
     project: str | None,
     timeout_seconds: float,
     max_retries: int,
+    azure_endpoint: str | None = None,
+    api_version: str | None = None,
 ) -> AsyncOpenAI:
-    """An ``AsyncOpenAI`` client; the read timeout bounds the first token and each following chunk."""
+    """The client for the configured endpoint (Azure OpenAI when ``azure_endpoint`` is set).
+
+    The read timeout bounds the wait for the first token and for each following chunk, so a long answer
+    that keeps streaming is never cut off; retries are the client's own and honour ``retry-after``.
+    """
+    timeout = openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0))
+    if azure_endpoint:
+        # The model is then a deployment name, which the client puts in the URL.
+        return AsyncAzureOpenAI(
+            azure_endpoint=azure_endpoint,
+            api_key=api_key,
+            api_version=api_version,
+            timeout=timeout,
+            max_retries=max_retries,
+        )
     return AsyncOpenAI(
         # Local OpenAI-compatible servers need no key, but the client insists on one.
         api_key=api_key or "not-needed",
         base_url=base_url,
         organization=organization,
         project=project,
-        timeout=openai.Timeout(timeout_seconds, connect=min(timeout_seconds, 10.0)),
+        timeout=timeout,
         max_retries=max_retries,
     )
 
@@ -62,37 +80,67 @@ def error_kind(exc: openai.OpenAIError) -> ModelErrorKind:
     return "unknown"
 
 
+# Parameters sent exactly when the persona or the settings set them (the persona wins).
+OPTIONAL_PARAMETERS = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "logit_bias",
+    "seed",
+    "reasoning_effort",
+    "service_tier",
+)
+
+
+def hashed_user(key: bytes, end_user: str) -> str:
+    """A stable pseudonym for "team:user": the provider can tell users apart without knowing them."""
+    return hmac.new(key, end_user.encode(), hashlib.sha256).hexdigest()
+
+
 class OpenAIChat:
     """Implements ``domain.ChatModel`` with the Chat Completions streaming API."""
 
     def __init__(
-        self, client: AsyncOpenAI, *, default_model: str, max_reply_tokens: int | None = None
+        self,
+        client: AsyncOpenAI,
+        *,
+        defaults: Persona,
+        max_tokens_param: str = "max_completion_tokens",
+        user_id_param: str | None = None,
+        user_id_key: bytes = b"",
     ) -> None:
         self._client = client
-        self._default_model = default_model
-        self._max_reply_tokens = max_reply_tokens
+        self._defaults = defaults
+        self._max_tokens_param = max_tokens_param
+        self._user_id_param = user_id_param
+        self._user_id_key = user_id_key
 
-    def request(self, messages: Sequence[ChatMessage], persona: Persona) -> dict[str, Any]:
-        """The request body's parameters: only those the persona or the settings set."""
+    def request(
+        self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
+    ) -> dict[str, Any]:
+        """The request body: the persona's parameters over the settings', only those set."""
         params: dict[str, Any] = {
-            "model": persona.model or self._default_model,
+            "model": persona.model or self._defaults.model,
             "messages": list(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        optional = {
-            "temperature": persona.temperature,
-            "top_p": persona.top_p,
-            "max_completion_tokens": persona.max_tokens or self._max_reply_tokens,
-            "presence_penalty": persona.presence_penalty,
-            "frequency_penalty": persona.frequency_penalty,
-            "stop": list(persona.stop) if persona.stop else None,
-        }
-        params.update({name: value for name, value in optional.items() if value is not None})
+        for name in OPTIONAL_PARAMETERS:
+            value = getattr(persona, name)
+            value = getattr(self._defaults, name) if value is None else value
+            if value is not None:
+                params[name] = list(value) if name == "stop" else value
+        max_tokens = persona.max_tokens or self._defaults.max_tokens
+        if max_tokens:
+            params[self._max_tokens_param] = max_tokens
+        if self._user_id_param and end_user:
+            params[self._user_id_param] = hashed_user(self._user_id_key, end_user)
         return params
 
     async def stream(
-        self, messages: Sequence[ChatMessage], persona: Persona
+        self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:
         finish_reason: str | None = None
         usage: Usage | None = None
@@ -101,7 +149,7 @@ class OpenAIChat:
             # thread); the client's own post() sends the body we built, with the same retries and errors.
             chunks = await self._client.post(
                 "/chat/completions",
-                body=self.request(messages, persona),
+                body=self.request(messages, persona, end_user),
                 cast_to=ChatCompletionChunk,
                 stream=True,
                 stream_cls=openai.AsyncStream[ChatCompletionChunk],

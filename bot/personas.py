@@ -53,6 +53,10 @@ ALLOWED = {
     "presence_penalty": "a number from -2 to 2",
     "frequency_penalty": "a number from -2 to 2",
     "stop": "at most 4 stop sequences",
+    "logit_bias": "token ids mapped to numbers from -100 to 100",
+    "seed": "a whole number",
+    "reasoning_effort": "a reasoning effort the model knows (e.g. low, medium, high)",
+    "service_tier": "a service tier (e.g. auto, default, flex, priority)",
 }
 
 
@@ -67,6 +71,10 @@ class _PersonaSpec(BaseModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     stop: Annotated[list[str], Field(max_length=4)] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
 
 
 class _PersonasFile(BaseModel):

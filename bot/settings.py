@@ -7,6 +7,7 @@ message instead of a traceback. Secrets are ``SecretStr`` so they never show up 
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -54,6 +55,9 @@ class Settings(BaseSettings):
     openai_org_id: str | None = None
     openai_project_id: str | None = None
     openai_model: str = "gpt-4o-mini"
+    azure_openai_endpoint: str | None = None
+    azure_openai_api_key: SecretStr | None = None
+    openai_api_version: str | None = None
     openai_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
     openai_max_retries: Annotated[int, Field(ge=0, le=10)] = 2
 
@@ -65,6 +69,21 @@ class Settings(BaseSettings):
 
     max_prompt_tokens: Annotated[int, Field(ge=256)] = 16000
     max_reply_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
+    # Chat Completions parameters for every reply; a persona's own values win. Unset: not sent.
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    stop: Annotated[list[str], Field(max_length=4)] | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
+    # The end user, hashed with a key, for the provider's abuse monitoring.
+    send_user_id: bool = True
+    user_id_param: Literal["safety_identifier", "user"] = "safety_identifier"
+    user_id_salt: SecretStr | None = None
     token_encoding: str | None = None
     tiktoken_cache_dir: Path = Field(
         # tiktoken's own rule for where it caches encoding files; we seed that cache from the bundled copy.
@@ -86,6 +105,16 @@ class Settings(BaseSettings):
         """``PERSONA_ADMINS`` as a set of user and user group ids."""
         return frozenset(part.strip() for part in self.persona_admins.split(",") if part.strip())
 
+    @property
+    def user_id_key(self) -> bytes:
+        """The key that hashes user ids: ``USER_ID_SALT``, else one derived from the bot token."""
+        salt = secret_value(self.user_id_salt)
+        return (
+            salt.encode()
+            if salt
+            else hashlib.sha256(b"user ids:" + secret_value(self.slack_bot_token).encode()).digest()
+        )
+
     @field_validator("slack_api_url")
     @classmethod
     def _trailing_slash(cls, value: str) -> str:
@@ -104,7 +133,24 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("token_encoding", "openai_base_url", "personas_file", mode="before")
+    @field_validator(
+        "token_encoding",
+        "openai_base_url",
+        "personas_file",
+        "azure_openai_endpoint",
+        "openai_api_version",
+        "temperature",
+        "top_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "stop",
+        "logit_bias",
+        "seed",
+        "reasoning_effort",
+        "service_tier",
+        "max_reply_tokens",
+        mode="before",
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -138,7 +184,16 @@ def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
             )
         elif not app_token.startswith("xapp-"):
             problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
-    if not secret_value(settings.openai_api_key) and not settings.openai_base_url:
+    if settings.azure_openai_endpoint:
+        if not secret_value(settings.azure_openai_api_key):
+            problems.append(
+                "AZURE_OPENAI_API_KEY is missing: set it to the key of your Azure OpenAI resource"
+            )
+        if not settings.openai_api_version:
+            problems.append(
+                "OPENAI_API_VERSION is missing: set it to an Azure OpenAI API version, e.g. 2024-10-21"
+            )
+    elif not secret_value(settings.openai_api_key) and not settings.openai_base_url:
         problems.append(f"OPENAI_API_KEY is missing: set it to {_HINTS['OPENAI_API_KEY']}")
     if settings.personas_file is not None and not settings.personas_file.is_file():
         problems.append(f"PERSONAS_FILE {settings.personas_file} does not exist: point it at a YAML file")

@@ -70,6 +70,7 @@ class FakeModel:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
+        self.request_paths: list[str] = []  # path and query of each chat request
         self.models: list[str] = ["gpt-4o-mini", "gpt-4o"]
         self._queue: deque[Reply] = deque()
         self.default_reply: Reply | None = None  # answers when the queue is empty (benchmarks)
@@ -80,6 +81,7 @@ class FakeModel:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model_id}", self._get_model)
         # A short shutdown timeout so close() does not wait long for streams a test left hanging.
@@ -120,6 +122,7 @@ class FakeModel:
         body: dict[str, Any] = await request.json()
         self.requests.append(body)
         self.request_headers.append({name.lower(): value for name, value in request.headers.items()})
+        self.request_paths.append(request.path_qs)
         number = len(self.requests)
         reply = self._queue.popleft() if self._queue else self.default_reply or Reply(text=f"answer {number}")
         headers = {"x-request-id": f"req_fake_{number}", **reply.headers}

@@ -113,7 +113,7 @@ class ScriptedModel:
         return len(self._scripts)
 
     async def stream(
-        self, messages: Sequence[ChatMessage], persona: Persona
+        self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:
         self.calls.append(ModelCall(list(messages), persona))
         if not self._scripts:

@@ -627,7 +627,7 @@ async def client() -> AsyncIterator[openai.AsyncOpenAI]:
 
 
 def test_request_without_persona_parameters_has_only_the_required_ones(client: openai.AsyncOpenAI) -> None:
-    chat = OpenAIChat(client, default_model="gpt-4o-mini")
+    chat = OpenAIChat(client, defaults=Persona("settings", "", model="gpt-4o-mini"))
 
     request = chat.request(MESSAGES, Persona("default", "Be brief."))
 
@@ -640,7 +640,7 @@ def test_request_without_persona_parameters_has_only_the_required_ones(client: o
 
 
 def test_request_includes_every_parameter_the_persona_sets(client: openai.AsyncOpenAI) -> None:
-    chat = OpenAIChat(client, default_model="gpt-4o-mini", max_reply_tokens=500)
+    chat = OpenAIChat(client, defaults=Persona("settings", "", model="gpt-4o-mini", max_tokens=500))
     persona = Persona(
         "full",
         "Be brief.",
@@ -670,7 +670,7 @@ def test_request_includes_every_parameter_the_persona_sets(client: openai.AsyncO
 
 
 def test_request_sends_only_the_one_parameter_a_persona_sets(client: openai.AsyncOpenAI) -> None:
-    chat = OpenAIChat(client, default_model="gpt-4o-mini")
+    chat = OpenAIChat(client, defaults=Persona("settings", "", model="gpt-4o-mini"))
 
     request = chat.request(MESSAGES, Persona("warm", "Be brief.", temperature=1.2))
 
@@ -679,7 +679,7 @@ def test_request_sends_only_the_one_parameter_a_persona_sets(client: openai.Asyn
 
 
 def test_request_max_completion_tokens_falls_back_to_max_reply_tokens(client: openai.AsyncOpenAI) -> None:
-    chat = OpenAIChat(client, default_model="gpt-4o-mini", max_reply_tokens=500)
+    chat = OpenAIChat(client, defaults=Persona("settings", "", model="gpt-4o-mini", max_tokens=500))
 
     assert chat.request(MESSAGES, Persona("default", "Be brief."))["max_completion_tokens"] == 500
     assert chat.request(MESSAGES, Persona("short", "Be brief.", max_tokens=20))["max_completion_tokens"] == 20
