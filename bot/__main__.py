@@ -1,4 +1,4 @@
-"""Command line: ``slack-gpt-bot run [--http --port 3000]`` (also ``python -m bot``).
+"""Command line: ``slack-gpt-bot run [--http --port 3000] | models | check`` (also ``python -m bot``).
 
 The only module that touches the process environment: settings are read here, once, and logging is
 configured here. Problems the operator must fix (settings, Slack token, Redis) end the process with one
@@ -27,7 +27,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--host", default="0.0.0.0", help="address to listen on with --http (default 0.0.0.0)")
     run.add_argument("--port", type=int, default=3000, help="port to listen on with --http (default 3000)")
+    commands.add_parser("models", help="list the models the configured endpoint offers")
+    check = commands.add_parser("check", help="verify the whole set-up; exit code 0 only when all pass")
+    check.add_argument("--http", action="store_true", help="check for HTTP mode instead of Socket Mode")
     return parser
+
+
+async def _models() -> int:
+    from bot.check import models_lines
+    from bot.settings import load_settings
+
+    for line in await models_lines(load_settings(slack=False)):
+        print(line)
+    return 0
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from bot.check import run_checks
+    from bot.settings import load_settings
+
+    try:
+        settings = load_settings(http=args.http)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"FAIL settings: {problem}")
+        return 1
+    print("ok   settings: every setting is valid")
+    results = await run_checks(settings, http=args.http)
+    for result in results:
+        print(result.line())
+    return 0 if all(result.ok for result in results) else 1
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -46,8 +75,14 @@ async def _run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slack-gpt-bot`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The bot logs its life at INFO; the one-shot commands print their report and only log warnings.
+    level = logging.INFO if args.command == "run" else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "models":
+            return asyncio.run(_models())
+        if args.command == "check":
+            return asyncio.run(_check(args))
         asyncio.run(_run(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from openai import AsyncOpenAI
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 from slack_bolt.async_app import AsyncAck, AsyncApp
 from slack_bolt.authorization import AuthorizeResult
@@ -37,6 +38,20 @@ from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_SECONDS = 30.0
+
+
+def model_client(settings: Settings, max_retries: int | None = None) -> AsyncOpenAI:
+    """The model endpoint's client, as configured (Azure OpenAI when its endpoint is set)."""
+    return make_client(
+        api_key=secret_value(settings.azure_openai_api_key or settings.openai_api_key),
+        base_url=settings.openai_base_url,
+        organization=settings.openai_org_id,
+        project=settings.openai_project_id,
+        timeout_seconds=settings.openai_timeout_seconds,
+        max_retries=settings.openai_max_retries if max_retries is None else max_retries,
+        azure_endpoint=settings.azure_openai_endpoint,
+        api_version=settings.openai_api_version,
+    )
 
 
 def model_defaults(settings: Settings) -> Persona:
@@ -105,16 +120,7 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
     encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
     counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
     files = FilePersonas.load(settings.system_prompt, settings.personas_file)
-    openai_client = make_client(
-        api_key=secret_value(settings.azure_openai_api_key or settings.openai_api_key),
-        base_url=settings.openai_base_url,
-        organization=settings.openai_org_id,
-        project=settings.openai_project_id,
-        timeout_seconds=settings.openai_timeout_seconds,
-        max_retries=settings.openai_max_retries,
-        azure_endpoint=settings.azure_openai_endpoint,
-        api_version=settings.openai_api_version,
-    )
+    openai_client = model_client(settings)
     async with (
         # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
         aiohttp.ClientSession() as slack_session,

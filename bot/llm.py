@@ -59,6 +59,25 @@ def make_client(
     )
 
 
+async def list_models(client: AsyncOpenAI) -> list[str]:
+    """The model ids the endpoint offers (``GET /models``)."""
+    try:
+        return sorted([model.id async for model in client.models.list()])
+    except openai.OpenAIError as exc:
+        raise ModelError(error_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+
+
+async def model_exists(client: AsyncOpenAI, model: str) -> bool:
+    """True when ``GET /models/{model}`` finds it."""
+    try:
+        await client.models.retrieve(model)
+    except openai.NotFoundError:
+        return False
+    except openai.OpenAIError as exc:
+        raise ModelError(error_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+    return True
+
+
 def error_kind(exc: openai.OpenAIError) -> ModelErrorKind:
     """Which kind of problem an ``openai`` exception is, in the terms users are told."""
     if isinstance(exc, openai.APITimeoutError):

@@ -161,9 +161,11 @@ def secret_value(value: SecretStr | None) -> str:
     return value.get_secret_value() if value is not None else ""
 
 
-def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
-    """Settings that are each optional but required together to serve Slack."""
-    problems = []
+def _problems_for_run(settings: Settings, *, http: bool, slack: bool) -> list[str]:
+    """Settings that are each optional but required together to serve Slack (and reach the model)."""
+    problems: list[str] = []
+    if not slack:
+        return _model_problems(settings, problems)
     token = secret_value(settings.slack_bot_token)
     if not token:
         problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")
@@ -184,6 +186,11 @@ def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
             )
         elif not app_token.startswith("xapp-"):
             problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
+    return _model_problems(settings, problems)
+
+
+def _model_problems(settings: Settings, problems: list[str]) -> list[str]:
+    """Settings needed to reach the model endpoint, added to ``problems``."""
     if settings.azure_openai_endpoint:
         if not secret_value(settings.azure_openai_api_key):
             problems.append(
@@ -200,8 +207,9 @@ def _problems_for_run(settings: Settings, *, http: bool) -> list[str]:
     return problems
 
 
-def load_settings(*, http: bool = False, env_file: str | None = ".env") -> Settings:
-    """Read and validate the settings for ``run``; raise one ``ConfigError`` listing every problem."""
+def load_settings(*, http: bool = False, slack: bool = True, env_file: str | None = ".env") -> Settings:
+    """Read and validate the settings (``slack=False``: only what the model needs); every problem in
+    one ``ConfigError``."""
     problems: list[str] = []
     try:
         settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
@@ -215,7 +223,7 @@ def load_settings(*, http: bool = False, env_file: str | None = ".env") -> Setti
                 invalid[field] = Settings.model_fields[field].get_default(call_default_factory=True)
         # Build again with the bad values at their defaults, so the checks below still report the rest.
         settings = Settings(_env_file=env_file, **invalid)  # type: ignore[call-arg]
-    problems += _problems_for_run(settings, http=http)
+    problems += _problems_for_run(settings, http=http, slack=slack)
     if problems:
         raise ConfigError(problems)
     return settings

@@ -31,6 +31,23 @@ log = logging.getLogger(__name__)
 
 StreamMode = Literal["auto", "native", "update", "off"]
 
+# The bot token scopes manifest.yaml asks for (a test keeps the two the same); `check` compares.
+REQUIRED_SCOPES = (
+    "app_mentions:read",
+    "channels:history",
+    "groups:history",
+    "im:history",
+    "mpim:history",
+    "chat:write",
+    "users:read",
+    "assistant:write",
+    "commands",
+    "channels:read",
+    "groups:read",
+    "im:write",
+    "usergroups:read",
+)
+
 MESSAGE_LIMIT = 12_000  # Slack's limit for markdown_text
 SPLIT_AT = MESSAGE_LIMIT - 100
 FENCE_RESERVE = 8  # room to close a code fence at a cut
@@ -390,9 +407,11 @@ async def check_app_token(client: AsyncWebClient, app_token: str) -> None:
 
 
 async def fetch_identity(client: AsyncWebClient) -> dict[str, str]:
-    """The bot's own ids from ``auth.test``: team_id, user_id, bot_id."""
+    """The bot's own ids from ``auth.test`` (team_id, user_id, bot_id) and its granted ``scopes``."""
     try:
         response = await client.auth_test()
     except SlackApiError as exc:
         raise SlackError("auth.test", str(exc.response.get("error"))) from exc
-    return {k: str(response.get(k, "")) for k in ("team_id", "user_id", "bot_id")}
+    identity = {k: str(response.get(k, "")) for k in ("team_id", "user_id", "bot_id")}
+    identity["scopes"] = str(response.headers.get("x-oauth-scopes", ""))
+    return identity

@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from bot.slack import REQUIRED_SCOPES
+
 TEAM_ID = "T0001"
 BOT_USER_ID = "UBOT"
 BOT_ID = "BBOT"
@@ -72,6 +74,7 @@ class FakeSlack:
         self.users[BOT_USER_ID]["profile"]["bot_id"] = BOT_ID
         self.fail: dict[str, str] = {}
         self.delay: dict[str, float] = {}  # method -> seconds to wait before answering
+        self.scopes: list[str] = list(REQUIRED_SCOPES)  # granted to the bot token (x-oauth-scopes)
         self.call_listeners: list[Callable[[Call], None]] = []  # told of every call as it arrives
         self.acks: dict[str, float] = {}
         self.ack_payloads: dict[str, dict[str, Any]] = {}  # envelope_id -> the payload sent with the ack
@@ -335,7 +338,8 @@ class FakeSlack:
                 raise SlackError(self.fail[method])
             if handler is None:
                 raise SlackError("unknown_method")
-            return web.json_response({"ok": True, **handler(args)})
+            scopes = {"x-oauth-scopes": ",".join(self.scopes)}
+            return web.json_response({"ok": True, **handler(args)}, headers=scopes)
         except SlackError as e:
             return web.json_response({"ok": False, "error": str(e)})
 
