@@ -24,7 +24,7 @@ from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, PersonaCommands
+from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, PersonaCommands, UsageReport
 from bot.conversation import Responder
 from bot.domain import Incoming, Persona
 from bot.errors import GENERIC_USER_MESSAGE, BotError
@@ -34,6 +34,7 @@ from bot.personas import FilePersonas, PersonaStore
 from bot.settings import Settings, secret_value
 from bot.slack import SlackAdapter, check_app_token, fetch_identity, parse_event
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
+from bot.usage import Budgets, RedisUsage, load_prices
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,19 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
             bot_id=identity["bot_id"],
             stream_mode=settings.stream_mode,
         )
+        usage = RedisUsage(
+            redis_client,
+            prefix=settings.redis_prefix,
+            prices=load_prices(settings.prices_file),
+            budgets=Budgets(
+                workspace_tokens=settings.budget_workspace_tokens,
+                channel_tokens=settings.budget_channel_tokens,
+                user_tokens=settings.budget_user_tokens,
+                workspace_usd=settings.budget_workspace_usd,
+                channel_usd=settings.budget_channel_usd,
+                user_usd=settings.budget_user_usd,
+            ),
+        )
         responder = Responder(
             history=history,
             model=OpenAIChat(
@@ -163,10 +177,13 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
             personas=personas,
             counter=counter,
             max_prompt_tokens=settings.max_prompt_tokens,
+            usage=usage,
         )
         bot = Bot(_bolt_app(settings, web_client, identity), responder, slack, settings)
         _listen(bot, identity)
-        _manage_personas(bot.app, PersonaCommands(web_client, personas, counter, settings.persona_admin_ids))
+        commands = PersonaCommands(web_client, personas, counter, settings.persona_admin_ids)
+        _manage_personas(bot.app, commands)
+        _report_usage(bot.app, UsageReport(web_client, usage, commands))
         log.info(
             "ready: team %s, bot user %s, encoding %s", identity["team_id"], identity["user_id"], encoding
         )
@@ -249,6 +266,17 @@ def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
     app.view(EDITOR_CALLBACK)(on_editor)
     app.action(EDIT_ACTION)(on_edit_button)
     app.event("app_home_opened")(on_home)
+
+
+def _report_usage(app: AsyncApp, report: UsageReport) -> None:
+    async def on_usage(ack: AsyncAck, body: dict[str, Any]) -> None:
+        await ack()
+        try:
+            await report.command(body)
+        except Exception:
+            log.exception("/usage failed")
+
+    app.command("/usage")(on_usage)
 
 
 async def serve_socket_mode(bot: Bot, stop: asyncio.Event) -> None:

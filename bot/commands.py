@@ -33,6 +33,7 @@ from bot.personas import (
     PersonaStore,
     persona_errors,
 )
+from bot.usage import RedisUsage
 
 log = logging.getLogger(__name__)
 
@@ -167,16 +168,20 @@ class PersonaCommands:
         self._counter = counter
         self._admins = admins
 
+    async def is_admin(self, user: str) -> bool:
+        """True when ``user`` is in ``PERSONA_ADMINS``, by id or through a user group."""
+        if user in self._admins:
+            return True
+        for group in (a for a in self._admins if a.startswith("S")):
+            response = await self._client.usergroups_users_list(usergroup=group)
+            if user in response.get("users", []):
+                return True
+        return False
+
     async def may_change(self, team: str, channel: str, user: str) -> bool:
         """The permission rule in the module docstring."""
         if self._admins:
-            if user in self._admins:
-                return True
-            for group in (a for a in self._admins if a.startswith("S")):
-                response = await self._client.usergroups_users_list(usergroup=group)
-                if user in response.get("users", []):
-                    return True
-            return False
+            return await self.is_admin(user)
         if channel.startswith("D"):
             return True
         cursor = None
@@ -364,3 +369,46 @@ class PersonaCommands:
             channel=channel,
             text=f":performing_arts: <@{user}> set this channel's persona to *{persona.name}*.",
         )
+
+
+def _figures(month: Mapping[str, int], scope: str) -> str:
+    tokens = month.get(f"{scope}:prompt", 0) + month.get(f"{scope}:completion", 0)
+    cost = month.get(f"{scope}:micro_usd", 0) / 1_000_000
+    replies = month.get(f"{scope}:replies", 0)
+    estimated = month.get(f"{scope}:estimated", 0)
+    note = f", {estimated} estimated with tiktoken" if estimated else ""
+    return f"{tokens:,} tokens in {replies:,} replies, about ${cost:,.2f}{note}"
+
+
+def _top(month: Mapping[str, int], kind: str, mention: str, count: int = 5) -> list[str]:
+    totals: dict[str, int] = {}
+    for field, value in month.items():
+        parts = field.split(":")
+        if parts[0] == kind and parts[-1] in ("prompt", "completion"):
+            totals[":".join(parts[1:-1])] = totals.get(":".join(parts[1:-1]), 0) + value
+    ranked = sorted(totals, key=lambda k: totals[k], reverse=True)[:count]
+    return [f"• {mention.format(k)}: {_figures(month, f'{kind}:{k}')}" for k in ranked]
+
+
+class UsageReport:
+    """``/usage``: this month's tokens and estimated cost, for the channel and the caller; admins also
+    get the workspace total and the top channels and users."""
+
+    def __init__(self, client: AsyncWebClient, usage: RedisUsage, personas: PersonaCommands) -> None:
+        self._client = client
+        self._usage = usage
+        self._personas = personas
+
+    async def command(self, body: Mapping[str, Any]) -> None:
+        team, channel, user = body["team_id"], body["channel_id"], body["user_id"]
+        month = await self._usage.month(team)
+        lines = [
+            "*This month*",
+            f"This channel: {_figures(month, f'ch:{channel}')}",
+            f"You: {_figures(month, f'u:{user}')}",
+        ]
+        if await self._personas.is_admin(user):
+            lines += [f"Workspace: {_figures(month, 'all')}", "*Top channels*"]
+            lines += [*_top(month, "ch", "<#{}>"), "*Top users*", *_top(month, "u", "<@{}>")]
+        lines.append("_Costs are estimates from the price table._")
+        await self._personas.tell(channel, user, "\n".join(lines))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from bot.domain import (
+    BudgetCheck,
     ChatMessage,
     ChatModel,
     History,
@@ -27,6 +28,8 @@ from bot.domain import (
     StreamEnd,
     TokenCounter,
     Turn,
+    Usage,
+    UsageLedger,
 )
 from bot.errors import ModelError
 from bot.tokens import REPLY_PRIMING_TOKENS
@@ -34,6 +37,7 @@ from bot.tokens import REPLY_PRIMING_TOKENS
 log = logging.getLogger(__name__)
 
 EMPTY_MENTION_HINT = "Hi! Ask me something after the mention, e.g. _@me how do I rotate a Redis password?_"
+REPLY_TOKENS_ESTIMATE = 1000  # a reply's size for budget reservations when the persona sets no maximum
 LENGTH_NOTE = "_(The answer was cut off at the reply token limit.)_"
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
 
@@ -119,6 +123,7 @@ class Responder:
         personas: PersonaSource,
         counter: TokenCounter,
         max_prompt_tokens: int,
+        usage: UsageLedger | None = None,
     ) -> None:
         self.history = history
         self.model = model
@@ -126,6 +131,7 @@ class Responder:
         self.personas = personas
         self.counter = counter
         self.max_prompt_tokens = max_prompt_tokens
+        self.usage = usage
 
     async def respond(self, incoming: Incoming) -> None:
         """Answer ``incoming`` in its thread if it is for the bot; every other outcome is silence."""
@@ -149,17 +155,48 @@ class Responder:
                 await self._read_thread_if_unseen(incoming)
             question = await self._question(incoming, text)
             persona = await self.personas.resolve(incoming.key, requested)
-            reply = self.slack.reply_stream(incoming)
-            try:
-                answer = await self._answer(incoming, persona, question, reply)
-            except ModelError as exc:
-                log.warning("model failed in %s: %s", incoming.key, exc)
-                await reply.fail(exc.user_message)
-                # Keep the unanswered question (a "try again" needs it) and never re-read the thread,
-                # which now holds the bot's own error message.
-                await self.history.seed(incoming.key, [question])
+            check = await self._reserve(incoming, persona)
+            if not check.allowed:
+                await self.slack.post(incoming, f":warning: {check.message}")
                 return
-            await self.history.append(incoming.key, [question, answer])
+            settled = False
+            try:
+                settled = await self._reply(incoming, persona, question, check)
+            finally:
+                if not settled and self.usage is not None:
+                    await self.usage.release(incoming.key, incoming.user_id, check)
+
+    async def _reply(self, incoming: Incoming, persona: Persona, question: Turn, check: BudgetCheck) -> bool:
+        """Answer, store, and record usage; False when the model failed (nothing to record)."""
+        reply = self.slack.reply_stream(incoming)
+        try:
+            answer, end, context = await self._answer(incoming, persona, question, reply, check.notice)
+        except ModelError as exc:
+            log.warning("model failed in %s: %s", incoming.key, exc)
+            await reply.fail(exc.user_message)
+            # Keep the unanswered question (a "try again" needs it) and never re-read the thread,
+            # which now holds the bot's own error message.
+            await self.history.seed(incoming.key, [question])
+            return False
+        await self.history.append(incoming.key, [question, answer])
+        if self.usage is None:
+            return False
+        usage = end.usage or Usage(
+            context.estimated_tokens,
+            self.counter.message_tokens("assistant", answer.text)
+            - self.counter.message_tokens("assistant", ""),
+            estimated=True,
+        )
+        model = end.model or self.model.model_for(persona)
+        await self.usage.settle(incoming.key, incoming.user_id, model, usage, int(context.trimmed), check)
+        return True
+
+    async def _reserve(self, incoming: Incoming, persona: Persona) -> BudgetCheck:
+        """Check the budgets and reserve this reply's worst case: the whole prompt budget and reply."""
+        if self.usage is None:
+            return BudgetCheck(True)
+        worst = self.max_prompt_tokens + (persona.max_tokens or REPLY_TOKENS_ESTIMATE)
+        return await self.usage.reserve(incoming.key, incoming.user_id, self.model.model_for(persona), worst)
 
     async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
         """Mentioned in a thread it has never seen, the bot first stores what was said before."""
@@ -180,7 +217,9 @@ class Responder:
         turn = Turn(role, text, 0, self.counter.encoding_name, ts, speaker_id, speaker_name)
         return replace(turn, tokens=self.counter.message_tokens(role, turn.content))
 
-    async def _answer(self, incoming: Incoming, persona: Persona, question: Turn, reply: ReplyStream) -> Turn:
+    async def _answer(
+        self, incoming: Incoming, persona: Persona, question: Turn, reply: ReplyStream, notice: str | None
+    ) -> tuple[Turn, StreamEnd, Context]:
         """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""
         budget = self.max_prompt_tokens
         await reply.thinking()
@@ -188,14 +227,18 @@ class Responder:
             history = await self.history.recent(incoming.key, budget)
             context = build_context(persona.system_prompt, history, question, budget, self.counter)
             try:
-                return await self._stream(context, persona, reply, f"{incoming.key.team}:{incoming.user_id}")
+                end_user = f"{incoming.key.team}:{incoming.user_id}"
+                answer, end = await self._stream(context, persona, reply, end_user, notice)
+                return answer, end, context
             except ModelError as exc:
                 if exc.kind != "context_length" or budget < self.max_prompt_tokens:
                     raise
                 log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
                 budget //= 2
 
-    async def _stream(self, context: Context, persona: Persona, reply: ReplyStream, end_user: str) -> Turn:
+    async def _stream(
+        self, context: Context, persona: Persona, reply: ReplyStream, end_user: str, notice: str | None
+    ) -> tuple[Turn, StreamEnd]:
         parts: list[str] = []
         end = StreamEnd(finish_reason=None, usage=None)
         async for piece in self.model.stream(context.messages, persona, end_user):
@@ -207,7 +250,8 @@ class Responder:
         text = "".join(parts)
         if not text:
             await reply.append(EMPTY_ANSWER)
-        await reply.finish(LENGTH_NOTE if end.finish_reason == "length" else None)
+        notes = [LENGTH_NOTE if end.finish_reason == "length" else None, notice]
+        await reply.finish("\n".join(note for note in notes if note) or None)
         if end.usage is not None:
             log.info(
                 "reply: %d prompt tokens (estimated %d, %+d), %d completion tokens, %d turns kept%s",
@@ -218,4 +262,4 @@ class Responder:
                 context.kept_turns,
                 ", older trimmed" if context.trimmed else "",
             )
-        return self._turn("assistant", text, "")
+        return self._turn("assistant", text, ""), end

@@ -94,18 +94,32 @@ class Persona:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Token usage as the API reported it."""
+    """Token usage of one reply: the API's own figures, or counted with tiktoken (``estimated``)."""
 
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int = 0
+    estimated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class StreamEnd:
-    """The last item of a model stream: why it ended and what it cost."""
+    """The last item of a model stream: why it ended, what it cost, which model answered."""
 
     finish_reason: str | None
     usage: Usage | None
+    model: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCheck:
+    """Whether a reply may run; a refusal's ``message``, an 80% ``notice``, and what was reserved."""
+
+    allowed: bool
+    message: str = ""
+    notice: str | None = None
+    reserved: int = 0
+    reserved_micro_usd: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +174,27 @@ class History(Protocol):
 class ChatModel(Protocol):
     """The model boundary: one method that yields text chunks, then a ``StreamEnd``."""
 
+    def model_for(self, persona: Persona) -> str:
+        """The model a reply with ``persona`` will ask for."""
+        ...
+
     def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:
         """``end_user`` ("team:user") identifies who asked, for the provider's abuse monitoring."""
         ...
+
+
+class UsageLedger(Protocol):
+    """Usage and cost per reply, and the budgets that gate the next one."""
+
+    async def reserve(self, key: ThreadKey, user: str, model: str, tokens: int) -> BudgetCheck: ...
+
+    async def settle(
+        self, key: ThreadKey, user: str, model: str, usage: Usage, trimmed: int, check: BudgetCheck
+    ) -> None: ...
+
+    async def release(self, key: ThreadKey, user: str, check: BudgetCheck) -> None: ...
 
 
 class PersonaSource(Protocol):

@@ -136,12 +136,16 @@ class OpenAIChat:
         self._user_id_param = user_id_param
         self._user_id_key = user_id_key
 
+    def model_for(self, persona: Persona) -> str:
+        """The model a request for ``persona`` asks for."""
+        return persona.model or self._defaults.model or ""
+
     def request(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> dict[str, Any]:
         """The request body: the persona's parameters over the settings', only those set."""
         params: dict[str, Any] = {
-            "model": persona.model or self._defaults.model,
+            "model": self.model_for(persona),
             "messages": list(messages),
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -163,6 +167,7 @@ class OpenAIChat:
     ) -> AsyncIterator[str | StreamEnd]:
         finish_reason: str | None = None
         usage: Usage | None = None
+        model = ""
         try:
             # The typed create() re-walks the whole message list on every call (several ms for a long
             # thread); the client's own post() sends the body we built, with the same retries and errors.
@@ -175,8 +180,11 @@ class OpenAIChat:
             )
             async with chunks:
                 async for chunk in chunks:
+                    model = model or chunk.model
                     if chunk.usage is not None:
-                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                        details = chunk.usage.completion_tokens_details
+                        reasoning = (details.reasoning_tokens or 0) if details else 0
+                        usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens, reasoning)
                     for choice in chunk.choices:
                         if choice.delta.content:
                             yield choice.delta.content
@@ -188,4 +196,4 @@ class OpenAIChat:
             # A stream cut or stalled mid-way surfaces from the HTTP library underneath, unwrapped.
             kind: ModelErrorKind = "timeout" if "Timeout" in type(exc).__name__ else "unavailable"
             raise ModelError(kind, f"{type(exc).__name__}: {exc}") from exc
-        yield StreamEnd(finish_reason=finish_reason, usage=usage)
+        yield StreamEnd(finish_reason=finish_reason, usage=usage, model=model or self.model_for(persona))

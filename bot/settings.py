@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     seed: int | None = None
     reasoning_effort: str | None = None
     service_tier: str | None = None
+    # Usage and cost: a price table over the default one, and monthly budgets (unset: no cap).
+    prices_file: Path | None = None
+    budget_workspace_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_channel_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_user_tokens: Annotated[int, Field(ge=0)] | None = None
+    budget_workspace_usd: Annotated[float, Field(ge=0)] | None = None
+    budget_channel_usd: Annotated[float, Field(ge=0)] | None = None
+    budget_user_usd: Annotated[float, Field(ge=0)] | None = None
     # The end user, hashed with a key, for the provider's abuse monitoring.
     send_user_id: bool = True
     user_id_param: Literal["safety_identifier", "user"] = "safety_identifier"
@@ -149,6 +157,13 @@ class Settings(BaseSettings):
         "reasoning_effort",
         "service_tier",
         "max_reply_tokens",
+        "prices_file",
+        "budget_workspace_tokens",
+        "budget_channel_tokens",
+        "budget_user_tokens",
+        "budget_workspace_usd",
+        "budget_channel_usd",
+        "budget_user_usd",
         mode="before",
     )
     @classmethod

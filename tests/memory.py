@@ -112,6 +112,9 @@ class ScriptedModel:
         """Scripted calls not made yet."""
         return len(self._scripts)
 
+    def model_for(self, persona: Persona) -> str:
+        return persona.model or "scripted-model"
+
     async def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:
