@@ -1,4 +1,4 @@
-"""Command line: ``slack-gpt-bot run [--http --port 3000] | models | check`` (also ``python -m bot``).
+"""Command line: ``slack-gpt-bot run [--http --port 3000] | chat | models | check`` (also ``python -m bot``).
 
 The only module that touches the process environment: settings are read here, once, and logging is
 configured here. Problems the operator must fix (settings, Slack token, Redis) end the process with one
@@ -28,9 +28,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", default="0.0.0.0", help="address to listen on with --http (default 0.0.0.0)")
     run.add_argument("--port", type=int, default=3000, help="port to listen on with --http (default 3000)")
     commands.add_parser("models", help="list the models the configured endpoint offers")
+    chat = commands.add_parser("chat", help="talk to the model in the terminal, through the same pipeline")
+    chat.add_argument("--persona", help="a named persona to use")
+    chat.add_argument("--channel", help="use the persona of this Slack channel id")
     check = commands.add_parser("check", help="verify the whole set-up; exit code 0 only when all pass")
     check.add_argument("--http", action="store_true", help="check for HTTP mode instead of Socket Mode")
     return parser
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from bot.chat import chat
+    from bot.settings import load_settings
+
+    return await chat(load_settings(slack=False), persona=args.persona, channel=args.channel)
 
 
 async def _models() -> int:
@@ -79,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if args.command == "run" else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "chat":
+            return asyncio.run(_chat(args))
         if args.command == "models":
             return asyncio.run(_models())
         if args.command == "check":
