@@ -24,12 +24,12 @@ from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, PersonaCommands, UsageReport
+from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, ModelList, PersonaCommands, UsageReport
 from bot.conversation import Responder
 from bot.domain import Incoming, Persona
 from bot.errors import GENERIC_USER_MESSAGE, BotError
 from bot.history import RedisHistory, open_redis
-from bot.llm import OpenAIChat, make_client
+from bot.llm import OpenAIChat, list_models, make_client
 from bot.personas import FilePersonas, PersonaStore
 from bot.settings import Settings, secret_value
 from bot.slack import SlackAdapter, check_app_token, fetch_identity, parse_event
@@ -181,7 +181,8 @@ async def build(settings: Settings) -> AsyncIterator[Bot]:
         )
         bot = Bot(_bolt_app(settings, web_client, identity), responder, slack, settings)
         _listen(bot, identity)
-        commands = PersonaCommands(web_client, personas, counter, settings.persona_admin_ids)
+        models = ModelList(lambda: list_models(openai_client))
+        commands = PersonaCommands(web_client, personas, counter, settings.persona_admin_ids, models)
         _manage_personas(bot.app, commands)
         _report_usage(bot.app, UsageReport(web_client, usage, commands))
         log.info(

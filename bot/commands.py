@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -89,12 +90,36 @@ def describe_change(change: Change) -> str:
     return f"{when(change.at)}: <@{change.by}> {change.action}: *{before}* → *{after}*"
 
 
+MODEL_LIST_SECONDS = 300.0
+
+
+class ModelList:
+    """The endpoint's model ids for the editor, fetched at most every few minutes; empty when the
+    endpoint has no list (the editor then takes a typed name)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[list[str]]]) -> None:
+        self._fetch = fetch
+        self._models: list[str] = []
+        self._fetched_at = float("-inf")
+
+    async def get(self) -> list[str]:
+        if time.monotonic() - self._fetched_at >= MODEL_LIST_SECONDS:
+            try:
+                self._models = await self._fetch()
+            except BotError as exc:
+                log.info("no model list from the endpoint: %s", exc)
+                self._models = []
+            self._fetched_at = time.monotonic()
+        return self._models
+
+
 def parse_editor(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str], str]:
     """A submitted editor's state -> (persona fields, errors by block id, save-as name)."""
     fields: dict[str, Any] = {}
     errors: dict[str, str] = {}
     for block, (_, kind, _) in FIELDS.items():
-        raw = ((values.get(block) or {}).get("value") or {}).get("value")
+        state = (values.get(block) or {}).get("value") or {}
+        raw = (state.get("selected_option") or {}).get("value") or state.get("value")
         if raw is None or not str(raw).strip():
             continue
         text = str(raw).strip()
@@ -113,8 +138,20 @@ def parse_editor(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, s
     return fields, errors, save_as
 
 
-def editor_view(channel: str, persona: Persona, save_as: str = "") -> dict[str, Any]:
-    """The modal that edits a channel's persona (or creates a named one)."""
+def _model_menu(models: list[str], current: str | None) -> dict[str, Any]:
+    # Slack shows at most 100 options; the one in use stays selectable even past that.
+    names = models[:99] + ([current] if current and current not in models[:99] else [])
+    options = [{"text": {"type": "plain_text", "text": m[:75]}, "value": m} for m in names]
+    element: dict[str, Any] = {"type": "static_select", "action_id": "value", "options": options}
+    if current:
+        element["initial_option"] = options[names.index(current)]
+    return element
+
+
+def editor_view(
+    channel: str, persona: Persona, save_as: str = "", models: list[str] | None = None
+) -> dict[str, Any]:
+    """The modal that edits a channel's persona (or creates a named one); ``models`` offers a menu."""
     blocks: list[dict[str, Any]] = []
     for block, (label, kind, multiline) in FIELDS.items():
         current = getattr(persona, block)
@@ -122,7 +159,9 @@ def editor_view(channel: str, persona: Persona, save_as: str = "") -> dict[str, 
             "\n".join(current) if kind is list and current else ("" if current is None else str(current))
         )
         element: dict[str, Any] = {"type": "plain_text_input", "action_id": "value", "multiline": multiline}
-        if initial:
+        if block == "model" and models:
+            element = _model_menu(models, current)
+        elif initial:
             element["initial_value"] = initial
         blocks.append(
             {
@@ -161,12 +200,22 @@ class PersonaCommands:
     """The ``/persona`` command, the editor and App Home, over one Web API client and the store."""
 
     def __init__(
-        self, client: AsyncWebClient, store: PersonaStore, counter: TokenCounter, admins: frozenset[str]
+        self,
+        client: AsyncWebClient,
+        store: PersonaStore,
+        counter: TokenCounter,
+        admins: frozenset[str],
+        models: ModelList | None = None,
     ) -> None:
         self._client = client
         self._store = store
         self._counter = counter
         self._admins = admins
+        self._models = models
+
+    async def _editor(self, channel: str, persona: Persona, save_as: str = "") -> dict[str, Any]:
+        models = await self._models.get() if self._models else []
+        return editor_view(channel, persona, save_as, models)
 
     async def is_admin(self, user: str) -> bool:
         """True when ``user`` is in ``PERSONA_ADMINS``, by id or through a user group."""
@@ -263,7 +312,7 @@ class PersonaCommands:
             return ""
         if verb == "edit":
             current = (await store.assignment(team, channel)).persona
-            await self._client.views_open(trigger_id=trigger, view=editor_view(channel, current))
+            await self._client.views_open(trigger_id=trigger, view=await self._editor(channel, current))
             return ""
         name, _, prompt = rest.partition(" ")
         if not NAME_PATTERN.match(name):
@@ -284,7 +333,7 @@ class PersonaCommands:
             return f"There is no persona named `{name}` made in Slack."
         if not prompt.strip():  # create NAME: open the editor to fill it in
             await self._client.views_open(
-                trigger_id=trigger, view=editor_view(channel, replace(store.default, name=name), name)
+                trigger_id=trigger, view=await self._editor(channel, replace(store.default, name=name), name)
             )
             return ""
         if persona_errors({"system_prompt": prompt}, self._counter):
@@ -325,7 +374,9 @@ class PersonaCommands:
         team = body["team"]["id"]
         channel = body["actions"][0]["value"]
         current = (await self._store.assignment(team, channel)).persona
-        await self._client.views_open(trigger_id=body["trigger_id"], view=editor_view(channel, current))
+        await self._client.views_open(
+            trigger_id=body["trigger_id"], view=await self._editor(channel, current)
+        )
 
     async def publish_home(self, team: str, user: str) -> None:
         """The App Home tab: the user's DM persona, the named personas, the bot's channels."""

@@ -71,6 +71,7 @@ class FakeModel:
         self.requests: list[dict[str, Any]] = []
         self.request_headers: list[dict[str, str]] = []
         self.request_paths: list[str] = []  # path and query of each chat request
+        self.list_requests = 0  # GET /v1/models calls
         self.models: list[str] = ["gpt-4o-mini", "gpt-4o"]
         self._queue: deque[Reply] = deque()
         self.default_reply: Reply | None = None  # answers when the queue is empty (benchmarks)
@@ -201,6 +202,7 @@ class FakeModel:
         return response
 
     async def _list_models(self, request: web.Request) -> web.Response:
+        self.list_requests += 1
         return web.json_response({"object": "list", "data": [model_entry(m) for m in self.models]})
 
     async def _get_model(self, request: web.Request) -> web.Response:

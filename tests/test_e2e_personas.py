@@ -265,3 +265,23 @@ async def test_personas_survive_a_restart_and_replicas_see_changes_at_once(harne
         assert seen.system_prompt == "You are shared."
     async with harness.running():  # a restart
         assert "You are shared." in await persona(harness, "")
+
+
+async def test_the_editor_offers_the_endpoints_models_fetched_once_a_while(harness: Harness) -> None:
+    harness.slack.members["C1"] = ["U1"]
+    harness.model.models = ["gpt-4o", "gpt-4o-mini", "o3-mini"]
+    async with harness.running():
+        await persona(harness, "edit")
+        await persona(harness, "edit")
+        menu = harness.slack.calls_to("views.open")[-1].args["view"]["blocks"][1]["element"]
+        submission = editor_submission("U1", "C1", system_prompt="Think hard.")
+        submission["view"]["state"]["values"]["model"] = {
+            "value": {"type": "static_select", "selected_option": {"value": "o3-mini"}}
+        }
+        assert await harness.slack.send_interaction(submission) == {}
+        await harness.slack.wait_for(lambda: len(announcements(harness)) == 1, what="the change")
+        request = await ask(harness, "go")
+    assert menu["type"] == "static_select"
+    assert [o["value"] for o in menu["options"]] == ["gpt-4o", "gpt-4o-mini", "o3-mini"]
+    assert harness.model.list_requests == 1  # cached between the two editors
+    assert request["model"] == "o3-mini"
