@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
 from bot.history import redis_errors
+from bot.settings import LogitBias, Penalty, StopSequences, Temperature, TopP
 
 DEFAULT_NAME = "default"
 CUSTOM_NAME = "custom"
@@ -65,13 +66,13 @@ class _PersonaSpec(BaseModel):
 
     system_prompt: Annotated[str, Field(min_length=1)]
     model: str | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    stop: Annotated[list[str], Field(max_length=4)] | None = None
-    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: StopSequences | None = None
+    logit_bias: LogitBias | None = None
     seed: int | None = None
     reasoning_effort: str | None = None
     service_tier: str | None = None

@@ -18,6 +18,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bot.errors import ConfigError
 
 StreamMode = Literal["auto", "native", "update", "off"]
+# Chat Completions parameters and their ranges, for the settings and for personas alike.
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+StopSequences = Annotated[list[str], Field(max_length=4)]
+LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a Slack workspace. Answer clearly and concisely, in Markdown. "
@@ -71,12 +77,12 @@ class Settings(BaseSettings):
     max_reply_tokens: Annotated[int, Field(ge=1)] | None = None
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
     # Chat Completions parameters for every reply; a persona's own values win. Unset: not sent.
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    stop: Annotated[list[str], Field(max_length=4)] | None = None
-    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    stop: StopSequences | None = None
+    logit_bias: LogitBias | None = None
     seed: int | None = None
     reasoning_effort: str | None = None
     service_tier: str | None = None

@@ -31,27 +31,10 @@ def clean_env(**values: str) -> dict[str, str]:
     return env | values
 
 
-async def run_bot(env: dict[str, str], *args: str, cwd: str) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "run",
-        *args,
-        env=env,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return process.returncode, stderr.decode()
-
-
 async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: object) -> None:
     env = clean_env(MAX_PROMPT_TOKENS="lots", STREAM_MODE="sideways", SLACK_APP_TOKEN="not-an-app-token")
     env["PYTHONPATH"] = os.getcwd()
-    code, stderr = await run_bot(env, cwd=str(tmp_path))
+    code, stderr = await run_command(env, "run", cwd=str(tmp_path))
     assert code == 2
     for name in ("MAX_PROMPT_TOKENS", "STREAM_MODE", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "OPENAI_API_KEY"):
         assert name in stderr
@@ -73,7 +56,7 @@ async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
         REDIS_PREFIX=harness.prefix,
         PYTHONPATH=os.getcwd(),
     )
-    code, stderr = await run_bot(env, cwd=str(tmp_path))
+    code, stderr = await run_command(env, "run", cwd=str(tmp_path))
     assert code == 1
     assert f"{method} failed: invalid_auth" in stderr
     assert "Traceback" not in stderr and "xoxb-revoked" not in stderr
