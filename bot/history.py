@@ -36,8 +36,10 @@ LOCK_WAIT_SECONDS = 180.0
 # How often a reply waiting for its thread retries: a follow-up often arrives while the previous reply is
 # still storing its answer, a few milliseconds from release.
 LOCK_POLL_SECONDS = 0.01
-MAX_CONNECTIONS = 64
-POOL_WAIT_SECONDS = 10.0
+# Under a burst the event loop is busy and each command holds its connection until the loop comes back
+# to it, so the pool is sized for hundreds of replies in flight (Redis serves ten thousand clients).
+MAX_CONNECTIONS = 256
+POOL_WAIT_SECONDS = 30.0
 
 
 @contextlib.contextmanager

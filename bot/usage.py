@@ -71,6 +71,17 @@ return {'', '', warned}
 """
 
 
+# KEYS: the month and day hashes. ARGV: seconds to keep them, then field, increment, field, increment...
+_RECORD = """
+for i = 2, #ARGV, 2 do
+  redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+"""
+
+
 def load_prices(path: Path | None) -> dict[str, tuple[float, float]]:
     """The default price table with ``PRICES_FILE`` (``model: {input: 2.5, output: 10}``) over it."""
     prices = dict(DEFAULT_PRICES)
@@ -142,6 +153,7 @@ class RedisUsage:
         self.prices = prices
         self._budgets = budgets
         self._reserve = client.register_script(_RESERVE)
+        self._record = client.register_script(_RECORD)
 
     def key(self, team: str, period: str) -> str:
         return f"{self._prefix}usage:{team}:{period}"
@@ -176,7 +188,7 @@ class RedisUsage:
     async def settle(
         self, key: ThreadKey, user: str, model: str, usage: Usage, trimmed: int, check: BudgetCheck
     ) -> None:
-        """Record a reply's usage (``usage`` None: the reply failed) and release its reservation."""
+        """Record a reply's usage and release its reservation."""
         now = datetime.datetime.now(datetime.UTC)
         figures = {
             "prompt": usage.prompt_tokens,
@@ -188,34 +200,29 @@ class RedisUsage:
             "micro_usd": micro_usd(self.prices, model, usage.prompt_tokens, usage.completion_tokens),
         }
         scopes = ["all", f"ch:{key.channel}", f"u:{user}", f"m:{model}"]
+        # One script call for all the increments: far cheaper than dozens of pipelined commands.
+        args: list[str | int] = [KEEP_SECONDS]
+        for scope in scopes:
+            for figure, value in figures.items():
+                if value:
+                    args += [f"{scope}:{figure}", value]
         month, day = self.key(key.team, month_of(now)), self.key(key.team, now.strftime("%Y-%m-%d"))
         with redis_errors("recording usage"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for hash_key in (month, day):
-                    for scope in scopes:
-                        for figure, value in figures.items():
-                            if value:
-                                pipe.hincrby(hash_key, f"{scope}:{figure}", value)
-                    pipe.expire(hash_key, KEEP_SECONDS)
-                await self._release(pipe, month, key, user, check)
-                await pipe.execute()
+            await self._record(keys=[month, day], args=args)
+        if check.reserved:
+            await self.release(key, user, check)
 
     async def release(self, key: ThreadKey, user: str, check: BudgetCheck) -> None:
-        """Give back a reservation whose reply never ran."""
-        now = datetime.datetime.now(datetime.UTC)
-        with redis_errors("releasing a budget reservation"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                await self._release(pipe, self.key(key.team, month_of(now)), key, user, check)
-                await pipe.execute()
-
-    async def _release(
-        self, pipe: redis.client.Pipeline, month: str, key: ThreadKey, user: str, check: BudgetCheck
-    ) -> None:
+        """Give back a reply's reservation (after it ran, or when it never did)."""
         if not check.reserved:
             return
-        for prefix, _, _ in self._budgets.caps(key.channel, user):
-            pipe.hincrby(month, f"pending:{prefix}:tokens", -check.reserved)
-            pipe.hincrby(month, f"pending:{prefix}:micro_usd", -check.reserved_micro_usd)
+        month = self.key(key.team, month_of(datetime.datetime.now(datetime.UTC)))
+        with redis_errors("releasing a budget reservation"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for prefix, _, _ in self._budgets.caps(key.channel, user):
+                    pipe.hincrby(month, f"pending:{prefix}:tokens", -check.reserved)
+                    pipe.hincrby(month, f"pending:{prefix}:micro_usd", -check.reserved_micro_usd)
+                await pipe.execute()
 
     async def month(self, team: str) -> dict[str, int]:
         """This month's figures for the workspace, by field."""
