@@ -143,31 +143,37 @@ class Responder:
         if not await self.history.claim(incoming.key.team, incoming.dedup_key):
             log.debug("duplicate delivery of %s ignored", incoming.dedup_key)
             return
-        async with self.history.lock(incoming.key):
-            text = await self.slack.readable(incoming.key.team, incoming.text)
-            requested = None
-            if not incoming.in_thread:
-                requested, text = split_persona_request(text)
-            if not text.strip():
-                await self.slack.post(incoming, EMPTY_MENTION_HINT)
-                return
-            if incoming.in_thread and not active:
-                await self._read_thread_if_unseen(incoming)
-            question = await self._question(incoming, text)
-            persona = await self.personas.resolve(incoming.key, requested)
-            check = await self._reserve(incoming, persona)
-            if not check.allowed:
-                await self.slack.post(incoming, f":warning: {check.message}")
-                return
-            settled = False
-            try:
-                settled = await self._reply(incoming, persona, question, check)
-            finally:
-                if not settled and self.usage is not None:
+        check, spent = BudgetCheck(True), None
+        try:
+            async with self.history.lock(incoming.key):
+                text = await self.slack.readable(incoming.key.team, incoming.text)
+                requested = None
+                if not incoming.in_thread:
+                    requested, text = split_persona_request(text)
+                if not text.strip():
+                    await self.slack.post(incoming, EMPTY_MENTION_HINT)
+                    return
+                if incoming.in_thread and not active:
+                    await self._read_thread_if_unseen(incoming)
+                question = await self._question(incoming, text)
+                persona = await self.personas.resolve(incoming.key, requested)
+                check = await self._reserve(incoming, persona)
+                if not check.allowed:
+                    await self.slack.post(incoming, f":warning: {check.message}")
+                    return
+                spent = await self._reply(incoming, persona, question, check)
+        finally:
+            # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
+            if self.usage is not None:
+                if spent is not None:
+                    await self.usage.settle(incoming.key, incoming.user_id, *spent, check)
+                else:
                     await self.usage.release(incoming.key, incoming.user_id, check)
 
-    async def _reply(self, incoming: Incoming, persona: Persona, question: Turn, check: BudgetCheck) -> bool:
-        """Answer, store, and record usage; False when the model failed (nothing to record)."""
+    async def _reply(
+        self, incoming: Incoming, persona: Persona, question: Turn, check: BudgetCheck
+    ) -> tuple[str, Usage, int] | None:
+        """Answer and store; what the reply used (model, usage, trimmed), or None when the model failed."""
         reply = self.slack.reply_stream(incoming)
         try:
             answer, end, context = await self._answer(incoming, persona, question, reply, check.notice)
@@ -177,19 +183,15 @@ class Responder:
             # Keep the unanswered question (a "try again" needs it) and never re-read the thread,
             # which now holds the bot's own error message.
             await self.history.seed(incoming.key, [question])
-            return False
+            return None
         await self.history.append(incoming.key, [question, answer])
-        if self.usage is None:
-            return False
         usage = end.usage or Usage(
             context.estimated_tokens,
             self.counter.message_tokens("assistant", answer.text)
             - self.counter.message_tokens("assistant", ""),
             estimated=True,
         )
-        model = end.model or self.model.model_for(persona)
-        await self.usage.settle(incoming.key, incoming.user_id, model, usage, int(context.trimmed), check)
-        return True
+        return end.model or self.model.model_for(persona), usage, int(context.trimmed)
 
     async def _reserve(self, incoming: Incoming, persona: Persona) -> BudgetCheck:
         """Check the budgets and reserve this reply's worst case: the whole prompt budget and reply."""
