@@ -46,16 +46,7 @@ async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
     harness: Harness, tmp_path: object, method: str
 ) -> None:
     harness.slack.fail[method] = "invalid_auth"
-    env = clean_env(
-        SLACK_BOT_TOKEN="xoxb-revoked",
-        SLACK_APP_TOKEN="xapp-test",
-        SLACK_API_URL=harness.slack.api_url,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=harness.model.base_url,
-        REDIS_URL=harness.redis_url,
-        REDIS_PREFIX=harness.prefix,
-        PYTHONPATH=os.getcwd(),
-    )
+    env = bot_env(harness, SLACK_BOT_TOKEN="xoxb-revoked")
     code, stderr = await run_command(env, "run", cwd=str(tmp_path))
     assert code == 1
     assert f"{method} failed: invalid_auth" in stderr
