@@ -53,18 +53,19 @@ async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
     assert "Traceback" not in stderr and "xoxb-revoked" not in stderr
 
 
-def bot_env(harness: Harness, **values: str) -> dict[str, str]:
-    return clean_env(
-        SLACK_BOT_TOKEN="xoxb-test",
-        SLACK_APP_TOKEN="xapp-test",
-        SLACK_API_URL=harness.slack.api_url,
-        OPENAI_API_KEY="sk-test",
-        OPENAI_BASE_URL=harness.model.base_url,
-        REDIS_URL=harness.redis_url,
-        REDIS_PREFIX=harness.prefix,
-        PYTHONPATH=os.getcwd(),
-        **values,
-    )
+def bot_env(harness: Harness, **overrides: str) -> dict[str, str]:
+    """A process environment for the bot against the fakes, with ``overrides`` on top."""
+    defaults = {
+        "SLACK_BOT_TOKEN": "xoxb-test",
+        "SLACK_APP_TOKEN": "xapp-test",
+        "SLACK_API_URL": harness.slack.api_url,
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": harness.model.base_url,
+        "REDIS_URL": harness.redis_url,
+        "REDIS_PREFIX": harness.prefix,
+        "PYTHONPATH": os.getcwd(),
+    }
+    return clean_env(**(defaults | overrides))
 
 
 async def run_command(env: dict[str, str], *args: str, cwd: str) -> tuple[int, str]:
