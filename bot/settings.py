@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
@@ -147,34 +147,12 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator(
-        "token_encoding",
-        "openai_base_url",
-        "personas_file",
-        "azure_openai_endpoint",
-        "openai_api_version",
-        "temperature",
-        "top_p",
-        "presence_penalty",
-        "frequency_penalty",
-        "stop",
-        "logit_bias",
-        "seed",
-        "reasoning_effort",
-        "service_tier",
-        "max_reply_tokens",
-        "prices_file",
-        "budget_workspace_tokens",
-        "budget_channel_tokens",
-        "budget_user_tokens",
-        "budget_workspace_usd",
-        "budget_channel_usd",
-        "budget_user_usd",
-        mode="before",
-    )
+    @field_validator("*", mode="before")
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        return None if value == "" else value
+    def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
+        # `KEY=` in .env means "not set" for every setting whose default is "not set".
+        unset_by_default = info.field_name is not None and cls.model_fields[info.field_name].default is None
+        return None if value == "" and unset_by_default else value
 
 
 def secret_value(value: SecretStr | None) -> str:

@@ -160,19 +160,15 @@ class Harness:
         await self.slack.wait_ack(envelope)
         return ts
 
-    def answers(self, channel: str = "C1") -> list[dict[str, Any]]:
-        """The bot's finished messages in a channel, in order."""
+    def answers(self, channel: str = "C1") -> list[str]:
+        """The texts of the bot's messages in a channel, thread by thread, in order."""
+        threads = {c.args.get("thread_ts", "") for c in self.slack.calls if c.args.get("channel") == channel}
         return [
-            m
-            for thread in self._threads(channel)
+            m["text"]
+            for thread in sorted(threads - {""})
             for m in self.slack.thread(channel, thread)
             if m.get("user") == BOT_USER_ID
         ]
-
-    def _threads(self, channel: str) -> list[str]:
-        return sorted(
-            {c.args.get("thread_ts", "") for c in self.slack.calls if c.args.get("channel") == channel} - {""}
-        )
 
     def stream_stops(self) -> int:
         """Replies finished so far (each ends with chat.stopStream in native mode)."""

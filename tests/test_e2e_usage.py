@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import Harness
 from tests.fake_model import Reply
-from tests.fake_slack import BOT_USER_ID, TEAM_ID
+from tests.fake_slack import TEAM_ID
 
 
 def month_key(harness: Harness) -> str:
@@ -18,20 +18,6 @@ def month_key(harness: Harness) -> str:
 
 async def month(harness: Harness) -> dict[str, int]:
     return {k: int(v) for k, v in (await harness.redis.hgetall(month_key(harness))).items()}
-
-
-def bot_texts(harness: Harness, channel: str = "C1") -> list[str]:
-    threads = {
-        c.args["thread_ts"]
-        for c in harness.slack.calls
-        if c.args.get("thread_ts") and c.args.get("channel") == channel
-    }
-    return [
-        m["text"]
-        for t in sorted(threads)
-        for m in harness.slack.thread(channel, t)
-        if m.get("user") == BOT_USER_ID
-    ]
 
 
 async def test_usage_is_recorded_per_workspace_channel_user_model_and_day(harness: Harness) -> None:
@@ -97,10 +83,10 @@ async def test_budgets_notice_at_80_percent_then_refuse_saying_when_they_reset(h
         await harness.say("two", thread_ts=first)  # 120 of 150 used: over 80%
         await harness.replies_done(2)
         await harness.say("three", thread_ts=first)  # 240 used: spent
-        await harness.slack.wait_for(lambda: len(bot_texts(harness)) == 3, what="the refusal")
+        await harness.slack.wait_for(lambda: len(harness.answers()) == 3, what="the refusal")
         await harness.say("four", thread_ts=first)
-        await harness.slack.wait_for(lambda: len(bot_texts(harness)) == 4, what="the second refusal")
-    one, two, three, four = bot_texts(harness)
+        await harness.slack.wait_for(lambda: len(harness.answers()) == 4, what="the second refusal")
+    one, two, three, four = harness.answers()
     assert one == "ok" and two.startswith("ok\n\n_Note: this channel has used over 80%")
     nxt = (datetime.datetime.now(datetime.UTC).replace(day=1) + datetime.timedelta(days=32)).replace(day=1)
     refusal = "The monthly tokens budget for this channel is used up, so I can't answer now."
@@ -116,10 +102,10 @@ async def test_a_usd_budget_per_user(harness: Harness) -> None:
         await harness.say("one")
         await harness.replies_done(1)
         await harness.say("two")
-        await harness.slack.wait_for(lambda: len(bot_texts(harness)) == 2, what="the refusal")
+        await harness.slack.wait_for(lambda: len(harness.answers()) == 2, what="the refusal")
         await harness.say("from someone else", user="U2")
         await harness.replies_done(2)
-    assert "monthly USD budget for this user is used up" in bot_texts(harness)[1]
+    assert "monthly USD budget for this user is used up" in harness.answers()[1]
 
 
 async def test_two_requests_at_the_edge_overshoot_by_at_most_one_reply(harness: Harness) -> None:
@@ -129,9 +115,9 @@ async def test_two_requests_at_the_edge_overshoot_by_at_most_one_reply(harness: 
     async with harness.running(budget_workspace_tokens=150):
         await asyncio.gather(harness.say("a", channel="C1"), harness.say("b", channel="C2"))
         await harness.slack.wait_for(
-            lambda: len(bot_texts(harness, "C1") + bot_texts(harness, "C2")) == 2, what="both"
+            lambda: len(harness.answers("C1") + harness.answers("C2")) == 2, what="both"
         )
-    answers = sorted(bot_texts(harness, "C1") + bot_texts(harness, "C2"))
+    answers = sorted(harness.answers("C1") + harness.answers("C2"))
     assert (
         answers[0].startswith(":warning: The monthly tokens budget for this workspace")
         and answers[1] == "slow"
