@@ -81,7 +81,7 @@ async def run(
         key = ThreadKey("TBENCH", "CBENCH", f"{n}.0")
         turns = make_turns(counter, n)
         for start in range(0, n, 1000):
-            await history.append(key, turns[start : start + 1000])
+            await history.seed(key, turns[start : start + 1000])
         raw_key = f"{prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:turns"
         for budget in (4000, 16000):
             bot_samples, naive_samples = [], []

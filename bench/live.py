@@ -132,7 +132,9 @@ class LiveBot:
                         role, text, tokens, counter.encoding_name, "", "U1", "alice" if role == "user" else ""
                     )
                 )
-            await history.append(ThreadKey(TEAM_ID, channel, thread_ts), turns)
+            key = ThreadKey(TEAM_ID, channel, thread_ts)
+            await history.seed(key, turns)
+            await history.activate(key)  # a thread the bot takes part in
             threads[channel] = thread_ts
         await client.aclose()
         return threads

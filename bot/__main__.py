@@ -1,4 +1,5 @@
-"""Command line: ``slack-gpt-bot run [--http --port 3000] | chat | models | check`` (also ``python -m bot``).
+"""Command line: ``slack-gpt-bot run [--http] [--workers N] | worker | chat | models | check``
+(also ``python -m bot``).
 
 The only module that touches the process environment: settings are read here, once, and logging is
 configured here. Problems the operator must fix (settings, Slack token, Redis) end the process with one
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -25,8 +27,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--http", action="store_true", help="serve the Events API over HTTP instead of Socket Mode"
     )
-    run.add_argument("--host", default="0.0.0.0", help="address to listen on with --http (default 0.0.0.0)")
+    run.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     run.add_argument("--port", type=int, default=3000, help="port to listen on with --http (default 3000)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="answer in N worker processes started and supervised here (0: queue only); "
+        "default: a worker in this process",
+    )
+    run.add_argument("--metrics-port", type=int, help="serve /healthz, /readyz and /metrics on this port")
+    worker = commands.add_parser("worker", help="answer queued messages only (no Slack connection)")
+    worker.add_argument("--host", default="0.0.0.0", help="address for --metrics-port (default 0.0.0.0)")
+    worker.add_argument("--metrics-port", type=int, help="serve /healthz, /readyz and /metrics on this port")
     commands.add_parser("models", help="list the models the configured endpoint offers")
     chat = commands.add_parser("chat", help="talk to the model in the terminal, through the same pipeline")
     chat.add_argument("--persona", help="a named persona to use")
@@ -40,14 +54,14 @@ async def _chat(args: argparse.Namespace) -> int:
     from bot.chat import chat
     from bot.settings import load_settings
 
-    return await chat(load_settings(slack=False), persona=args.persona, channel=args.channel)
+    return await chat(load_settings(serving="model"), persona=args.persona, channel=args.channel)
 
 
 async def _models() -> int:
     from bot.check import models_lines
     from bot.settings import load_settings
 
-    for line in await models_lines(load_settings(slack=False)):
+    for line in await models_lines(load_settings(serving="model")):
         print(line)
     return 0
 
@@ -57,7 +71,7 @@ async def _check(args: argparse.Namespace) -> int:
     from bot.settings import load_settings
 
     try:
-        settings = load_settings(http=args.http)
+        settings = load_settings(serving="http" if args.http else "socket")
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"FAIL settings: {problem}")
@@ -69,24 +83,42 @@ async def _check(args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
-async def _run(args: argparse.Namespace) -> None:
-    from bot.app import run
-    from bot.settings import load_settings
+async def _serve(args: argparse.Namespace) -> None:
+    from bot.observability import configure_logging
+    from bot.processes import run, run_worker
+    from bot.services import open_services
+    from bot.settings import Serving, load_settings
 
-    settings = load_settings(http=args.http)
-    logging.getLogger().setLevel(settings.log_level)
+    serving: Serving = "worker" if args.command == "worker" else "http" if args.http else "socket"
+    if args.command == "run" and args.workers is not None and args.workers < 0:
+        raise ConfigError(["--workers must be 0 or more"])
+    settings = load_settings(serving=serving)
+    configure_logging(settings.log_level, settings.log_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await run(settings, http=args.http, host=args.host, port=args.port, stop=stop)
+    async with open_services(settings) as services:
+        if args.command == "worker":
+            await run_worker(services, host=args.host, metrics_port=args.metrics_port, stop=stop)
+            return
+        await run(
+            services,
+            http=args.http,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            metrics_port=args.metrics_port,
+            stop=stop,
+            environ=os.environ,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``slack-gpt-bot`` console script."""
     args = _parser().parse_args(argv)
     # The bot logs its life at INFO; the one-shot commands print their report and only log warnings.
-    level = logging.INFO if args.command == "run" else logging.WARNING
+    level = logging.INFO if args.command in ("run", "worker") else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "chat":
@@ -95,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_models())
         if args.command == "check":
             return asyncio.run(_check(args))
-        asyncio.run(_run(args))
+        asyncio.run(_serve(args))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

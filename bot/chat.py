@@ -16,15 +16,20 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import TextIO
 
-from bot.app import model_client, model_defaults
-from bot.conversation import Responder
-from bot.domain import ChatMessage, Incoming, Persona, SlackMessage, StreamEnd, ThreadKey
-from bot.history import RedisHistory, open_redis
-from bot.llm import OpenAIChat
-from bot.personas import FilePersonas, PersonaStore
+from bot.domain import (
+    ChatMessage,
+    ChatModel,
+    Incoming,
+    Job,
+    Persona,
+    ReplyLog,
+    SlackMessage,
+    StreamEnd,
+    ThreadKey,
+)
+from bot.services import open_services
 from bot.settings import Settings
-from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
-from bot.usage import Budgets, RedisUsage, load_prices, micro_usd
+from bot.usage import micro_usd
 
 LOCAL_TEAM = "local"
 PROMPT = "you> "
@@ -51,6 +56,10 @@ class TerminalReply:
     async def fail(self, message: str) -> None:
         await self.finish(f"[!] {message}")
 
+    async def notice(self, text: str) -> None:
+        self._out.write(f"bot> {text}\n")
+        self._out.flush()
+
 
 class TerminalPort:
     """Implements ``domain.SlackPort`` for the terminal: plain text in, plain text out."""
@@ -68,18 +77,14 @@ class TerminalPort:
     async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]:
         return []
 
-    def reply_stream(self, incoming: Incoming) -> TerminalReply:
+    def reply_stream(self, incoming: Incoming, log: ReplyLog) -> TerminalReply:
         return TerminalReply(self._out)
-
-    async def post(self, incoming: Incoming, text: str) -> None:
-        self._out.write(f"bot> {text}\n")
-        self._out.flush()
 
 
 class Metered:
     """A ``ChatModel`` that remembers how its last answer ended, for the usage line."""
 
-    def __init__(self, model: OpenAIChat) -> None:
+    def __init__(self, model: ChatModel) -> None:
         self._model = model
         self.last: StreamEnd | None = None
 
@@ -100,33 +105,13 @@ async def chat(
     settings: Settings, *, persona: str | None, channel: str | None, out: TextIO = sys.stdout
 ) -> int:
     """Run a terminal conversation until end of input or ``/exit``."""
-    encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
-    counter = TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
-    files = FilePersonas.load(settings.system_prompt, settings.personas_file)
-    prices = load_prices(settings.prices_file)
-    async with open_redis(settings.redis_url, settings.data_dir) as client, model_client(settings) as openai:
-        history = RedisHistory(
-            client, counter, prefix=settings.redis_prefix, ttl_seconds=settings.history_ttl_seconds
-        )
-        personas = PersonaStore(
-            client, files, prefix=settings.redis_prefix, thread_ttl_seconds=settings.history_ttl_seconds
-        )
-        model = Metered(
-            OpenAIChat(openai, defaults=model_defaults(settings), max_tokens_param=settings.max_tokens_param)
-        )
-        usage = RedisUsage(client, prefix=settings.redis_prefix, prices=prices, budgets=Budgets())
+    async with open_services(settings, slack=False) as services:
+        model = Metered(services.model)
         user = getpass.getuser()
-        responder = Responder(
-            history=history,
-            model=model,
-            slack=TerminalPort(out, user),
-            personas=personas,
-            counter=counter,
-            max_prompt_tokens=settings.max_prompt_tokens,
-            usage=usage,
-        )
+        responder = services.responder(TerminalPort(out, user), model)
         session = f"{time.time():.6f}"
         key = ThreadKey(LOCAL_TEAM, channel or "terminal", session)
+        personas = services.personas
         if persona and await personas.find(LOCAL_TEAM, persona) is None:
             out.write(f"There is no persona named {persona!r}; using the default.\n")
         chosen = await personas.resolve(key, persona)  # pins the session's persona
@@ -144,10 +129,13 @@ async def chat(
                 break
             if not line.strip():
                 continue
-            ts = session if (n := next(numbers)) == 1 else f"{session}{n:06d}"
-            await responder.respond(Incoming(key, ts, user, line, addressed=True, is_dm=True))
+            n = next(numbers)
+            ts = session if n == 1 else f"{session}{n:06d}"
+            incoming = Incoming(key, ts, user, line, addressed=True, is_dm=True)
+            await responder.respond(Job(f"local-{n}", incoming))
             if model.last is not None and model.last.usage is not None:
                 used = model.last.usage
+                prices = services.usage.prices
                 cost = micro_usd(prices, model.last.model, used.prompt_tokens, used.completion_tokens) / 1e6
                 tokens = f"{used.prompt_tokens} prompt + {used.completion_tokens} completion tokens"
                 out.write(f"[{tokens}, about ${cost:.4f}]\n")

@@ -7,21 +7,17 @@ signing secret, the model endpoint, and that the configured model and every pers
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from slack_sdk.web.async_client import AsyncWebClient
-
-from bot.app import model_client
 from bot.errors import BotError
 from bot.history import open_redis, redis_errors
 from bot.llm import list_models, model_exists
 from bot.personas import FilePersonas, PersonaStore
+from bot.services import model_client, slack_client, token_counter
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, check_app_token, fetch_identity
-from bot.tokens import encoding_name_for, load_encoding
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,26 +44,23 @@ async def _attempt(name: str, check: Callable[[], Awaitable[str]]) -> Check:
 async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
     """Every item of the set-up, checked."""
     results: list[Check] = []
-    encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
 
     async def tokenizer() -> str:
-        await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir)
-        return f"{encoding} loads offline"
+        return f"{(await token_counter(settings)).encoding_name} loads offline"
 
     results.append(await _attempt("tokenizer", tokenizer))
 
     team = ""
-    web = AsyncWebClient(token=secret_value(settings.slack_bot_token), base_url=settings.slack_api_url)
+    web = slack_client(settings)
 
     async def slack_token() -> str:
         nonlocal team
         identity = await fetch_identity(web)
-        team = identity["team_id"]
-        granted = {s.strip() for s in identity["scopes"].split(",") if s.strip()}
-        missing = sorted(set(REQUIRED_SCOPES) - granted)
+        team = identity.team_id
+        missing = sorted(set(REQUIRED_SCOPES) - identity.scopes)
         if missing:
             raise BotError(f"missing scopes {', '.join(missing)}: reinstall the app from manifest.yaml")
-        return f"team {team}, bot user {identity['user_id']}, all {len(REQUIRED_SCOPES)} scopes granted"
+        return f"team {team}, bot user {identity.user_id}, all {len(REQUIRED_SCOPES)} scopes granted"
 
     async def connection() -> str:
         if http:

@@ -1,10 +1,11 @@
-"""The pipeline: from one incoming Slack message to an answer streamed into its thread.
+"""The pipeline: from one job (an accepted Slack message) to an answer streamed into its thread.
 
 ``build_context`` is pure: persona + budget + stored history + new question -> the messages to send.
-``Responder.respond`` reads top to bottom as the flow in DESIGN.md: dedup, thread lock, participation,
-read a thread the bot has never seen, resolve the persona, build the context, stream the model's answer
-into Slack, store the question and answer. It does no I/O of its own; it talks to the protocols in
-``domain``, so its tests use small in-memory fakes.
+``Responder.respond`` reads top to bottom as the worker's flow in docs/architecture.md: thread lock,
+what an earlier attempt of the job already did, read a thread the bot remembers nothing of, resolve
+the persona, check the budget, store the question, build the context, stream the model's answer into
+Slack, store the answer. It does no I/O of its own; it talks to the protocols in ``domain``, so its
+tests use small in-memory fakes.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from bot.domain import (
     ChatModel,
     History,
     Incoming,
+    Job,
+    JobProgress,
     Persona,
     PersonaSource,
+    ReplyLog,
     ReplyStream,
     Role,
     SlackPort,
@@ -112,7 +116,7 @@ def _shrink(counter: TokenCounter, role: str, content: str, max_message_tokens: 
 
 
 class Responder:
-    """Answers incoming messages; one instance serves every thread."""
+    """Answers jobs; one instance serves every thread."""
 
     def __init__(
         self,
@@ -133,35 +137,35 @@ class Responder:
         self.max_prompt_tokens = max_prompt_tokens
         self.usage = usage
 
-    async def respond(self, incoming: Incoming) -> None:
-        """Answer ``incoming`` in its thread if it is for the bot; every other outcome is silence."""
-        active = False
-        if not incoming.addressed:
-            active = (await self.history.state(incoming.key)).active
-            if not active:
-                return  # people talking in a thread the bot takes no part in: one read, no write, no lock
-        if not await self.history.claim(incoming.key.team, incoming.dedup_key):
-            log.debug("duplicate delivery of %s ignored", incoming.dedup_key)
-            return
+    async def respond(self, job: Job) -> None:
+        """Answer the job's message in its thread; a retried job finishes what the attempt before it
+        started (it never stores the question twice nor leaves a half-written message behind)."""
+        incoming = job.incoming
         check, spent = BudgetCheck(True), None
         try:
             async with self.history.lock(incoming.key):
+                progress = await self.history.progress(incoming.key, job.id)
+                if progress.answered:
+                    return  # an earlier attempt answered; only its acknowledgement was lost
+                reply = self.slack.reply_stream(incoming, self._reply_log(job, progress))
                 text = await self.slack.readable(incoming.key.team, incoming.text)
                 requested = None
                 if not incoming.in_thread:
                     requested, text = split_persona_request(text)
                 if not text.strip():
-                    await self.slack.post(incoming, EMPTY_MENTION_HINT)
+                    await reply.notice(EMPTY_MENTION_HINT)
                     return
-                if incoming.in_thread and not active:
+                if incoming.in_thread:
                     await self._read_thread_if_unseen(incoming)
                 question = await self._question(incoming, text)
                 persona = await self.personas.resolve(incoming.key, requested)
                 check = await self._reserve(incoming, persona)
                 if not check.allowed:
-                    await self.slack.post(incoming, f":warning: {check.message}")
+                    await reply.notice(f":warning: {check.message}")
                     return
-                spent = await self._reply(incoming, persona, question, check)
+                if not progress.question_stored:
+                    await self.history.store_question(incoming.key, job.id, question)
+                spent = await self._reply(job, reply, persona, question, check)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             if self.usage is not None:
@@ -170,21 +174,31 @@ class Responder:
                 else:
                     await self.usage.release(incoming.key, incoming.user_id, check)
 
+    async def apologise(self, job: Job, message: str) -> None:
+        """Replace whatever the job's attempts wrote with one short apology (it failed every attempt)."""
+        progress = await self.history.progress(job.incoming.key, job.id)
+        await self.slack.reply_stream(job.incoming, self._reply_log(job, progress)).notice(
+            f":warning: {message}"
+        )
+
+    def _reply_log(self, job: Job, progress: JobProgress) -> ReplyLog:
+        async def record(index: int, ts: str) -> None:
+            await self.history.record_part(job.incoming.key, job.id, index, ts)
+
+        return ReplyLog(job.id, job.attempt, progress.parts, record)
+
     async def _reply(
-        self, incoming: Incoming, persona: Persona, question: Turn, check: BudgetCheck
+        self, job: Job, reply: ReplyStream, persona: Persona, question: Turn, check: BudgetCheck
     ) -> tuple[str, Usage, int] | None:
         """Answer and store; what the reply used (model, usage, trimmed), or None when the model failed."""
-        reply = self.slack.reply_stream(incoming)
+        incoming = job.incoming
         try:
             answer, end, context = await self._answer(incoming, persona, question, reply, check.notice)
         except ModelError as exc:
             log.warning("model failed in %s: %s", incoming.key, exc)
             await reply.fail(exc.user_message)
-            # Keep the unanswered question (a "try again" needs it) and never re-read the thread,
-            # which now holds the bot's own error message.
-            await self.history.seed(incoming.key, [question])
-            return None
-        await self.history.append(incoming.key, [question, answer])
+            return None  # the question stays stored, unanswered: a "try again" sees it
+        await self.history.store_answer(incoming.key, job.id, answer)
         usage = end.usage or Usage(
             context.estimated_tokens,
             self.counter.message_tokens("assistant", answer.text)
@@ -201,9 +215,8 @@ class Responder:
         return await self.usage.reserve(incoming.key, incoming.user_id, self.model.model_for(persona), worst)
 
     async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
-        """Mentioned in a thread it has never seen, the bot first stores what was said before."""
-        state = await self.history.state(incoming.key)
-        if state.active or state.seeded:
+        """Asked in a thread it remembers nothing of, the bot first stores what was said before."""
+        if (await self.history.state(incoming.key)).remembered:
             return
         earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
         turns = [self._turn(m.role, m.text, m.ts, m.speaker_id, m.speaker_name) for m in earlier]
@@ -226,7 +239,9 @@ class Responder:
         budget = self.max_prompt_tokens
         await reply.thinking()
         while True:
-            history = await self.history.recent(incoming.key, budget)
+            # The question is stored already; the context carries it last, whatever came after it.
+            recent = await self.history.recent(incoming.key, budget + question.tokens)
+            history = [turn for turn in recent if turn.ts != question.ts]
             context = build_context(persona.system_prompt, history, question, budget, self.counter)
             try:
                 end_user = f"{incoming.key.team}:{incoming.user_id}"

@@ -1,13 +1,13 @@
 """The plain values that cross the bot's seams, and the small protocols the pipeline talks to.
 
-Nothing here does I/O. Adapters (``history``, ``llm``, ``slack``, ``personas``, ``tokens``) implement
-the protocols; ``conversation`` only ever sees these types, which is what lets it be tested with
+Nothing here does I/O. Adapters (``history``, ``llm``, ``slack``, ``personas``, ``tokens``, ``usage``)
+implement the protocols; ``conversation`` only ever sees these types, which is what lets it be tested with
 in-memory fakes.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypedDict
@@ -74,6 +74,36 @@ class Incoming:
 
 
 @dataclass(frozen=True, slots=True)
+class Job:
+    """An accepted message waiting for its answer, or getting it; ``attempt`` counts deliveries."""
+
+    id: str
+    incoming: Incoming
+    attempt: int = 1
+    enqueued_at: float = 0.0  # wall-clock seconds when the ingress queued it
+
+
+@dataclass(frozen=True, slots=True)
+class JobProgress:
+    """What earlier attempts of a job already did in its thread, so a retry never does it twice."""
+
+    question_stored: bool = False
+    answered: bool = False
+    parts: tuple[str, ...] = ()  # the ts of each Slack message written for the job, in order
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLog:
+    """Where a reply's Slack messages are remembered while it is written: a retried job rewrites the
+    messages of the attempt before it instead of posting again."""
+
+    job_id: str
+    attempt: int
+    parts: tuple[str, ...]
+    record: Callable[[int, str], Awaitable[None]]  # (part index, message ts) -> remembered
+
+
+@dataclass(frozen=True, slots=True)
 class Persona:
     """A system prompt and the model parameters it sets; ``None`` means "not sent to the API"."""
 
@@ -124,10 +154,11 @@ class BudgetCheck:
 
 @dataclass(frozen=True, slots=True)
 class ThreadState:
-    """What the store knows about a thread besides its turns."""
+    """What the store knows about a thread: whether the bot takes part (it accepted a question there),
+    and whether it remembers anything of it (turns stored)."""
 
     active: bool
-    seeded: bool
+    remembered: bool
 
 
 class TokenCounter(Protocol):
@@ -146,14 +177,10 @@ class TokenCounter(Protocol):
 
 
 class History(Protocol):
-    """Thread memory, event dedup and the per-thread lock."""
-
-    async def claim(self, team: str, dedup_key: str) -> bool:
-        """True the first time a message is seen, False for every redelivery."""
-        ...
+    """Thread memory and the per-thread lock; a job's progress in its thread."""
 
     def lock(self, key: ThreadKey) -> AbstractAsyncContextManager[None]:
-        """Hold the thread so replies in it happen one at a time, across replicas."""
+        """Hold the thread so replies in it happen one at a time, across workers."""
         ...
 
     async def state(self, key: ThreadKey) -> ThreadState: ...
@@ -163,11 +190,21 @@ class History(Protocol):
         ...
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        """Store turns the bot did not answer (read from Slack, a failed question); mark the thread read."""
+        """Store what was said in a thread before the bot was asked there (read from Slack)."""
         ...
 
-    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        """Store a question and its answer and mark the bot as taking part in the thread."""
+    async def progress(self, key: ThreadKey, job_id: str) -> JobProgress: ...
+
+    async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        """Store a job's question; once per job, however often it is tried."""
+        ...
+
+    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        """Store a job's complete answer and mark the job answered."""
+        ...
+
+    async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:
+        """Remember the ts of a Slack message written for a job (see ``ReplyLog``)."""
         ...
 
 
@@ -217,7 +254,7 @@ class SlackMessage:
 
 
 class ReplyStream(Protocol):
-    """One answer being written into a thread."""
+    """Everything the bot writes into a thread for one job: an answer as it streams, or a notice."""
 
     async def thinking(self) -> None:
         """Show that the bot is working, where Slack allows it."""
@@ -233,6 +270,10 @@ class ReplyStream(Protocol):
         """End the answer with an explanation instead of (or after) partial text."""
         ...
 
+    async def notice(self, text: str) -> None:
+        """Say ``text`` instead of answering (a hint, a refusal, an apology); not an answer."""
+        ...
+
 
 class SlackPort(Protocol):
     """What the pipeline needs from Slack."""
@@ -245,8 +286,4 @@ class SlackPort(Protocol):
 
     async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]: ...
 
-    def reply_stream(self, incoming: Incoming) -> ReplyStream: ...
-
-    async def post(self, incoming: Incoming, text: str) -> None:
-        """Post one short message in the incoming message's thread."""
-        ...
+    def reply_stream(self, incoming: Incoming, log: ReplyLog) -> ReplyStream: ...

@@ -1,11 +1,11 @@
 """The bot's errors, and who sees each of them.
 
 Adapters translate their library's exceptions into these at the boundary, so the pipeline and the
-last-resort handler in ``app.py`` only ever deal with this tree:
+last-resort handlers (the worker's, the ingress's) only ever deal with this tree:
 
     BotError                 base; ``user_message`` is what a Slack user may be shown
     ├── ConfigError          bad or missing settings; the operator sees it at start-up, users never do
-    ├── HistoryError         Redis failed; users see a short "memory unavailable" sentence
+    ├── HistoryError         Redis failed; the job is tried again later, users are told nothing yet
     │   └── ThreadBusy       the thread stayed locked by an earlier reply for too long
     ├── ModelError           the model endpoint failed; ``kind`` names the problem users are told about
     └── SlackError           a Slack Web API call failed; logged, users may not be reachable at all
@@ -91,9 +91,11 @@ class ModelError(BotError):
 
 
 class SlackError(BotError):
-    """A Slack Web API call failed; ``error`` is Slack's error string."""
+    """A Slack Web API call failed; ``error`` is Slack's error string. ``transient``: Slack was
+    unreachable or failing (5xx, connection errors) even after retries, so trying later may work."""
 
-    def __init__(self, method: str, error: str) -> None:
+    def __init__(self, method: str, error: str, *, transient: bool = False) -> None:
         self.method = method
         self.error = error
+        self.transient = transient
         super().__init__(f"Slack {method} failed: {error}")

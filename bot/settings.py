@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from bot.errors import ConfigError
 
 StreamMode = Literal["auto", "native", "update", "off"]
+# What a process does, which decides the settings it needs: Slack ingress over Socket Mode or HTTP (with
+# or without workers), a worker only, or just the model (chat, models).
+Serving = Literal["socket", "http", "worker", "model"]
 # Chat Completions parameters and their ranges, for the settings and for personas alike.
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
@@ -43,6 +46,10 @@ _HINTS: dict[str, str] = {
     "STREAM_MODE": "one of auto, native, update, off",
     "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR",
     "REDIS_URL": "a redis://, rediss:// or unix:// URL, or unset for the embedded server",
+    "JOB_LEASE_SECONDS": "a number of seconds from 2 to 300",
+    "JOB_MAX_ATTEMPTS": "a whole number from 1 to 20",
+    "WORKER_CONCURRENCY": "a whole number from 1 to 10000",
+    "LOG_FORMAT": "text or json",
 }
 
 
@@ -112,7 +119,13 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = "sgb:"
     data_dir: Path = Path("data")
+    # Jobs: how long a worker may go silent before its job (and thread lock) pass to another, how
+    # often a job is tried before it is dead-lettered, and how many jobs one worker runs at once.
+    job_lease_seconds: Annotated[float, Field(ge=2, le=300)] = 10.0
+    job_max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    worker_concurrency: Annotated[int, Field(ge=1, le=10000)] = 256
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
 
     @property
     def persona_admin_ids(self) -> frozenset[str]:
@@ -147,6 +160,11 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
@@ -160,23 +178,22 @@ def secret_value(value: SecretStr | None) -> str:
     return value.get_secret_value() if value is not None else ""
 
 
-def _problems_for_run(settings: Settings, *, http: bool, slack: bool) -> list[str]:
-    """Settings that are each optional but required together to serve Slack (and reach the model)."""
+def _problems_for_run(settings: Settings, serving: Serving) -> list[str]:
+    """Settings that are each optional but required together for what this process does."""
     problems: list[str] = []
-    if not slack:
+    if serving == "model":
         return _model_problems(settings, problems)
     token = secret_value(settings.slack_bot_token)
     if not token:
         problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")
     elif not token.startswith("xoxb-"):
         problems.append(f"SLACK_BOT_TOKEN must start with xoxb-: use {_HINTS['SLACK_BOT_TOKEN']}")
-    if http:
-        if not secret_value(settings.slack_signing_secret):
-            problems.append(
-                "SLACK_SIGNING_SECRET is missing (needed with --http): "
-                f"set it to {_HINTS['SLACK_SIGNING_SECRET']}"
-            )
-    else:
+    if serving == "http" and not secret_value(settings.slack_signing_secret):
+        problems.append(
+            "SLACK_SIGNING_SECRET is missing (needed with --http): "
+            f"set it to {_HINTS['SLACK_SIGNING_SECRET']}"
+        )
+    if serving == "socket":
         app_token = secret_value(settings.slack_app_token)
         if not app_token:
             problems.append(
@@ -185,6 +202,9 @@ def _problems_for_run(settings: Settings, *, http: bool, slack: bool) -> list[st
             )
         elif not app_token.startswith("xapp-"):
             problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
+    if serving == "worker" and not settings.redis_url:
+        # An embedded server lives and dies with one process; a separate worker must share the ingress's.
+        problems.append("REDIS_URL is missing (a separate worker needs the Redis its ingress uses)")
     return _model_problems(settings, problems)
 
 
@@ -206,9 +226,9 @@ def _model_problems(settings: Settings, problems: list[str]) -> list[str]:
     return problems
 
 
-def load_settings(*, http: bool = False, slack: bool = True, env_file: str | None = ".env") -> Settings:
-    """Read and validate the settings (``slack=False``: only what the model needs); every problem in
-    one ``ConfigError``."""
+def load_settings(*, serving: Serving = "socket", env_file: str | None = ".env") -> Settings:
+    """Read and validate the settings for what this process does (``serving``); every problem in one
+    ``ConfigError``."""
     problems: list[str] = []
     try:
         settings = Settings(_env_file=env_file)  # type: ignore[call-arg]
@@ -222,7 +242,7 @@ def load_settings(*, http: bool = False, slack: bool = True, env_file: str | Non
                 invalid[field] = Settings.model_fields[field].get_default(call_default_factory=True)
         # Build again with the bad values at their defaults, so the checks below still report the rest.
         settings = Settings(_env_file=env_file, **invalid)  # type: ignore[call-arg]
-    problems += _problems_for_run(settings, http=http, slack=slack)
+    problems += _problems_for_run(settings, serving)
     if problems:
         raise ConfigError(problems)
     return settings

@@ -3,29 +3,45 @@
 - ``parse_event``: a Bolt event payload -> ``Incoming`` (or None for anything the bot must not answer:
   its own and other bots' messages, edits, deletions and other subtypes, channel chatter).
 - ``SlackAdapter``: implements ``domain.SlackPort``: markup made readable (user mentions as display
-  names, cached in Redis), reading a thread with ``conversations.replies``, short posts, reply streams.
+  names, cached in Redis), reading a thread with ``conversations.replies``, reply streams.
 - ``SlackReplyStream``: one answer written into a thread while the model produces it: Slack's native
   streaming (``chat.startStream``/``appendStream``/``stopStream``) or, when Slack refuses it, one post
   edited with ``chat.update``; at most one write a second after the first, and a new message whenever
   the text outgrows one Slack message, split at a Markdown block boundary, never inside a code block.
+  Its messages carry metadata naming their job, and a retried job rewrites them rather than posting.
+- ``web_client``: the Web API client every part of the bot uses: retries that never post twice, and
+  failures counted by method.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import html
 import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+import aiohttp
 from markdown_it import MarkdownIt
 from slack_sdk.errors import SlackApiError
+from slack_sdk.http_retry.async_handler import AsyncRetryHandler
+from slack_sdk.http_retry.builtin_async_handlers import (
+    AsyncConnectionErrorRetryHandler,
+    AsyncRateLimitErrorRetryHandler,
+)
+from slack_sdk.http_retry.request import HttpRequest
+from slack_sdk.http_retry.response import HttpResponse
+from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bot.domain import Incoming, SlackMessage, ThreadKey
+from bot.domain import Incoming, ReplyLog, SlackMessage, ThreadKey
 from bot.errors import SlackError
+from bot.observability import SLACK_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +186,45 @@ def _offset(line_starts: list[int], line: int) -> int:
     return line_starts[line] if line < len(line_starts) else line_starts[-1] + 10**9
 
 
+REPLY_EVENT = "sgb_reply"
+# A reply's messages carry Slack message metadata naming their job, their place in the reply and how
+# far it got: "writing" while it streams, "more" for a finished message the answer continues after,
+# "done" for its last, "failed" when it ended with an error, "notice" for a hint, refusal or apology.
+# Reading a thread back, only the messages of a job that reached "done" count as an answer.
+ANSWER_STATES = ("more", "done")
+CREATE_ATTEMPTS = 4  # tries of a call that posts a new message, when Slack is failing or unreachable
+CREATE_BACKOFF_SECONDS = 0.25
+
+
+def _transient(exc: BaseException) -> bool:
+    """Slack failed or could not be reached, so the call may or may not have taken effect."""
+    if isinstance(exc, SlackApiError):
+        return int(getattr(exc.response, "status_code", 200) or 200) >= 500
+    return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError)
+
+
+def _slack_error(method: str, exc: Exception) -> SlackError:
+    if isinstance(exc, SlackApiError):
+        status = int(getattr(exc.response, "status_code", 200) or 200)
+        error = str(exc.response.get("error") or f"HTTP {status}")
+    else:
+        error = type(exc).__name__
+    return SlackError(method.replace("_", "."), error, transient=_transient(exc))
+
+
+def reply_metadata(job_id: str, part: int, state: str) -> dict[str, Any]:
+    return {"event_type": REPLY_EVENT, "event_payload": {"job": job_id, "part": part, "state": state}}
+
+
 class SlackReplyStream:
-    """Writes one answer into a thread as it is produced (implements ``domain.ReplyStream``)."""
+    """Writes what the bot says for one job into its thread (implements ``domain.ReplyStream``).
+
+    Every message it creates is recorded in the job's ``ReplyLog`` as soon as Slack returns its ts, so
+    if the worker dies, the job's next attempt rewrites those messages (``chat.update``) instead of
+    posting new ones, and deletes the ones it no longer needs: the thread ends with one answer. A call
+    that creates a message and fails in a way that may have created it anyway is retried only after
+    looking for the message by its metadata.
+    """
 
     def __init__(
         self,
@@ -179,19 +232,23 @@ class SlackReplyStream:
         incoming: Incoming,
         mode: StreamMode,
         on_native_refused: Callable[[str], None],
+        log: ReplyLog,
         flush_interval: float = FLUSH_INTERVAL_SECONDS,
     ) -> None:
         self._client = client
         self._incoming = incoming
         self._channel = incoming.key.channel
         self._thread_ts = incoming.key.thread_ts
-        self._mode: StreamMode = "native" if mode == "auto" else mode
+        self._mode: StreamMode = "native" if mode == "auto" else mode  # how new messages are written
         self._fallback = mode == "auto"
         self._on_native_refused = on_native_refused
+        self._log = log
         self._flush_interval = flush_interval
+        self._part = 0  # the current message's place among the job's messages
         self._text = ""  # the current Slack message's text, sent or not
         self._sent = 0  # how much of it Slack already shows
-        self._ts: str | None = None  # the current Slack message, once posted
+        self._ts: str | None = None  # the current Slack message, once written
+        self._streaming = False  # the current message is a native stream (appendStream/stopStream)
         self._last_flush = float("-inf")
         self._status: asyncio.Task[None] | None = None
 
@@ -205,38 +262,61 @@ class SlackReplyStream:
             await self._client.assistant_threads_setStatus(
                 channel_id=self._channel, thread_ts=self._thread_ts, status=THINKING_STATUS
             )
-        except SlackApiError as exc:
+        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
             # Only assistant threads accept a status; elsewhere Slack says no and the answer just starts.
-            log.debug("no thinking status here: %s", exc.response.get("error"))
+            log.debug("no thinking status here: %s", type(exc).__name__)
 
     async def append(self, text: str) -> None:
         self._text += text
         while len(self._text) > SPLIT_AT:
             head, tail = split_message(self._text, SPLIT_AT, floor=self._sent)
             self._text = head
-            await self._complete_message()
-            self._text, self._sent, self._ts = tail, 0, None
+            await self._complete_message("more")
+            self._next_message(tail)
         if time.monotonic() - self._last_flush >= self._flush_interval:
             await self._flush()
 
     async def finish(self, footnote: str | None = None) -> None:
         if footnote:
             await self.append(("\n\n" if self._text.strip() else "") + footnote)
-        await self._complete_message()
+        await self._end("done")
 
     async def fail(self, message: str) -> None:
-        await self.finish(f":warning: {message}")
+        await self.append(("\n\n" if self._text.strip() else "") + f":warning: {message}")
+        await self._end("failed")
+
+    async def notice(self, text: str) -> None:
+        self._text, self._sent = text, 0
+        if self._mode == "native":
+            self._mode = "update"  # one short message, posted whole rather than streamed
+        await self._end("notice")
+
+    async def _end(self, state: str) -> None:
+        await self._complete_message(state)
+        # A retried job may need fewer messages than the attempt before it wrote.
+        for ts in self._log.parts[self._part + 1 :]:
+            try:
+                await self._client.chat_delete(channel=self._channel, ts=ts)
+            except SlackApiError as exc:
+                log.info("could not delete a leftover message: %s", exc.response.get("error"))
+
+    def _next_message(self, text: str) -> None:
+        self._part += 1
+        self._text, self._sent, self._ts, self._streaming = text, 0, None, False
+
+    def _metadata(self, state: str) -> dict[str, Any]:
+        return reply_metadata(self._log.job_id, self._part, state)
 
     async def _flush(self) -> None:
         """Show what Slack does not show yet."""
         if self._mode == "off" or len(self._text) == self._sent:
             return
         if self._ts is None:
-            await self._start()
-        elif self._mode == "native":
-            await self._native("chat_appendStream", ts=self._ts, markdown_text=self._text[self._sent :])
+            await self._start("writing")
+        elif self._streaming:
+            await self._native("chat_appendStream", "writing", markdown_text=self._text[self._sent :])
         else:
-            await self._call("chat_update", ts=self._ts, markdown_text=self._text)
+            await self._update("writing")
         self._sent = len(self._text)
         self._last_flush = time.monotonic()
 
@@ -244,64 +324,140 @@ class SlackReplyStream:
         if self._status is not None:
             await self._status
 
-    async def _start(self) -> None:
+    async def _start(self, state: str) -> None:
+        """Put the current message in Slack with all its text so far: the message an earlier attempt
+        wrote in this place, rewritten, or a new one."""
         await self._status_sent()
+        if self._part < len(self._log.parts) and await self._rewrite(self._log.parts[self._part], state):
+            return
+        found = None
+        if self._log.attempt > 1 and self._part == len(self._log.parts):
+            found = await self._find_part()  # written by an attempt that died before recording it
+        if found is not None and await self._rewrite(found, state):
+            await self._log.record(self._part, found)
+            return
+        self._ts = await self._create(state)
+        await self._log.record(self._part, self._ts)
+
+    async def _rewrite(self, ts: str, state: str) -> bool:
+        """Make an earlier attempt's message this one; False when it is gone."""
+        try:
+            await self._client.chat_update(
+                channel=self._channel, ts=ts, markdown_text=self._text, metadata=self._metadata(state)
+            )
+        except SlackApiError as exc:
+            if exc.response.get("error") in ("message_not_found", "cant_update_message"):
+                return False
+            raise _slack_error("chat_update", exc) from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _slack_error("chat_update", exc) from exc
+        self._ts, self._streaming = ts, False
+        return True
+
+    async def _create(self, state: str) -> str:
         if self._mode == "native":
             try:
-                response = await self._client.chat_startStream(
-                    channel=self._channel,
+                ts = await self._create_once(
+                    "chat_startStream",
+                    state,
                     thread_ts=self._thread_ts,
                     markdown_text=self._text,
                     recipient_team_id=self._incoming.key.team,
                     recipient_user_id=self._incoming.user_id,
                 )
-                self._ts = str(response["ts"])
-                return
+                self._streaming = True
+                return ts
             except SlackApiError as exc:
                 if not self._fallback:
-                    raise SlackError("chat.startStream", str(exc.response.get("error"))) from exc
+                    raise _slack_error("chat_startStream", exc) from exc
                 log.info(
                     "native streaming refused (%s); posting and updating instead", exc.response.get("error")
                 )
                 self._on_native_refused(self._channel)
                 self._mode = "update"
-        response = await self._call("chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text)
-        self._ts = str(response["ts"])
+        return await self._create_once(
+            "chat_postMessage", state, thread_ts=self._thread_ts, markdown_text=self._text
+        )
 
-    async def _complete_message(self) -> None:
-        """Finish the current Slack message with all of its text."""
+    async def _create_once(self, method: str, state: str, **args: Any) -> str:
+        """Create a message, retrying when Slack fails or cannot be reached, but never creating it twice:
+        before each retry, look for the message the failed call may have created after all. A refusal
+        (``ok: false``) is raised as ``SlackApiError`` for the caller to handle."""
+        for attempt in range(1, CREATE_ATTEMPTS + 1):
+            try:
+                response = await getattr(self._client, method)(
+                    channel=self._channel, metadata=self._metadata(state), **args
+                )
+                return str(response["ts"])
+            except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+                if not _transient(exc):
+                    raise
+                if attempt == CREATE_ATTEMPTS:
+                    raise _slack_error(method, exc) from exc
+                log.info("%s failed (%s); retrying", method, type(exc).__name__)
+            await asyncio.sleep(CREATE_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            found = await self._find_part()
+            if found is not None:
+                return found
+        raise AssertionError("unreachable")
+
+    async def _find_part(self) -> str | None:
+        """The ts of the message this job wrote in the current place, found by its metadata."""
+        cursor: str | None = None
+        try:
+            while True:
+                page = await self._client.conversations_replies(
+                    channel=self._channel,
+                    ts=self._thread_ts,
+                    oldest=self._incoming.ts,
+                    include_all_metadata=True,
+                    limit=200,
+                    cursor=cursor,
+                )
+                for raw in page.get("messages") or []:
+                    payload = (raw.get("metadata") or {}).get("event_payload") or {}
+                    if payload.get("job") == self._log.job_id and payload.get("part") == self._part:
+                        return str(raw["ts"])
+                cursor = (page.get("response_metadata") or {}).get("next_cursor")
+                if not page.get("has_more") or not cursor:
+                    return None
+        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+            raise _slack_error("conversations_replies", exc) from exc
+
+    async def _complete_message(self, state: str) -> None:
+        """Finish the current Slack message with all of its text, marked with ``state``."""
         if not self._text.strip():
             return
-        if self._mode == "off":
-            await self._status_sent()
-            await self._call("chat_postMessage", thread_ts=self._thread_ts, markdown_text=self._text)
-        else:
-            if self._ts is None:
-                await self._start()  # shows all the text so far (and may fall back from native to update)
-                self._sent = len(self._text)
-            if self._mode == "native":
-                await self._native(
-                    "chat_stopStream", ts=self._ts, markdown_text=self._text[self._sent :] or None
-                )
-            elif self._sent < len(self._text):
-                await self._call("chat_update", ts=self._ts, markdown_text=self._text)
+        if self._ts is None:
+            # Written whole, marked with its state; a native stream still has to be stopped.
+            await self._start(state)
+            self._sent = len(self._text)
+        elif not self._streaming:
+            await self._update(state)
+        if self._streaming:
+            rest = self._text[self._sent :] or None
+            await self._native("chat_stopStream", state, markdown_text=rest, metadata=self._metadata(state))
         self._sent = len(self._text)
         self._last_flush = time.monotonic()
 
-    async def _native(self, method: str, **args: Any) -> None:
+    async def _update(self, state: str) -> None:
+        await self._call("chat_update", ts=self._ts, markdown_text=self._text, metadata=self._metadata(state))
+
+    async def _native(self, method: str, state: str, **args: Any) -> None:
         """A native streaming call; if the stream broke server-side, show the full text with chat.update."""
         try:
-            await getattr(self._client, method)(channel=self._channel, **args)
-        except SlackApiError as exc:
-            log.info("%s failed (%s); switching to chat.update", method, exc.response.get("error"))
+            await getattr(self._client, method)(channel=self._channel, ts=self._ts, **args)
+        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+            log.info("%s failed (%s); switching to chat.update", method, type(exc).__name__)
+            self._streaming = False
             self._mode = "update"
-            await self._call("chat_update", ts=self._ts, markdown_text=self._text)
+            await self._update(state)
 
     async def _call(self, method: str, **args: Any) -> Any:
         try:
             return await getattr(self._client, method)(channel=self._channel, **args)
-        except SlackApiError as exc:
-            raise SlackError(method.replace("_", "."), str(exc.response.get("error"))) from exc
+        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+            raise _slack_error(method, exc) from exc
 
 
 class SlackAdapter:
@@ -351,51 +507,140 @@ class SlackAdapter:
         return readable_markup(text, names, self.bot_user_id)
 
     async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]:
+        """What was said in a thread: people's and other bots' messages, and the bot's own finished
+        answers (one message per answer, however many Slack messages it took); never a partial answer,
+        an error or a notice of the bot's."""
         raws: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
             try:
                 page = await self._client.conversations_replies(
-                    channel=key.channel, ts=key.thread_ts, limit=200, cursor=cursor
+                    channel=key.channel, ts=key.thread_ts, limit=200, cursor=cursor, include_all_metadata=True
                 )
             except SlackApiError as exc:
-                raise SlackError("conversations.replies", str(exc.response.get("error"))) from exc
+                raise _slack_error("conversations_replies", exc) from exc
             raws += [r for r in page.get("messages") or [] if r.get("subtype") in _READABLE_SUBTYPES]
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
             if not page.get("has_more") or not cursor:
                 break
+        answered = {
+            payload.get("job") for payload in map(self._reply_payload, raws) if payload.get("state") == "done"
+        }
         # Each person's name is looked up once per read, however often they spoke or were mentioned.
         users = {r["user"] for r in raws if r.get("user")}.union(
             *(mentioned_users(r.get("text") or "") for r in raws)
         )
         names = {user: await self.display_name(key.team, user) for user in users - {self.bot_user_id}}
-        messages = [self._thread_message(raw, names) for raw in raws]
-        return [m for m in messages if m.text]
+        messages: list[SlackMessage] = []
+        previous_job = None
+        for raw in raws:
+            job = None
+            if self._is_mine(raw):
+                payload = self._reply_payload(raw)
+                job = payload.get("job")
+                if job not in answered or payload.get("state") not in ANSWER_STATES:
+                    continue
+            message = self._thread_message(raw, names)
+            if not message.text:
+                continue
+            if job is not None and job == previous_job:  # the next Slack message of the same answer
+                last = messages.pop()
+                message = dataclasses.replace(last, text=f"{last.text}\n{message.text}")
+            messages.append(message)
+            previous_job = job
+        return messages
+
+    def _is_mine(self, raw: Mapping[str, Any]) -> bool:
+        return raw.get("user") == self.bot_user_id or raw.get("bot_id") == self.bot_id
+
+    @staticmethod
+    def _reply_payload(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+        metadata = raw.get("metadata") or {}
+        return (metadata.get("event_payload") or {}) if metadata.get("event_type") == REPLY_EVENT else {}
 
     def _thread_message(self, raw: Mapping[str, Any], names: Mapping[str, str]) -> SlackMessage:
         text = readable_markup(raw.get("text") or "", names, self.bot_user_id)
         ts = str(raw.get("ts", ""))
         user = raw.get("user")
-        if user == self.bot_user_id or raw.get("bot_id") == self.bot_id:
+        if self._is_mine(raw):
             return SlackMessage(ts, "assistant", self.bot_user_id, "", text)
         if user:
             return SlackMessage(ts, "user", user, names.get(user, user), text)
         bot_name = raw.get("username") or (raw.get("bot_profile") or {}).get("name") or "a bot"
         return SlackMessage(ts, "user", str(raw.get("bot_id", "")), str(bot_name), text)
 
-    def reply_stream(self, incoming: Incoming) -> SlackReplyStream:
+    def reply_stream(self, incoming: Incoming, log: ReplyLog) -> SlackReplyStream:
         mode = self._stream_mode
         if mode == "auto" and incoming.key.channel in self._native_refused:
             mode = "update"
-        return SlackReplyStream(self._client, incoming, mode, self._native_refused.add)
+        return SlackReplyStream(self._client, incoming, mode, self._native_refused.add, log)
 
-    async def post(self, incoming: Incoming, text: str) -> None:
+
+# Calls that create something: repeating one after a failure that may have taken effect could post twice,
+# so the client never retries them on 5xx or connection errors (a 429 is safe: Slack did nothing).
+# ``SlackReplyStream`` retries its own creations after checking that the failed one created nothing.
+CREATES = frozenset({"chat.postMessage", "chat.startStream", "chat.appendStream", "chat.postEphemeral"})
+WRITE_RETRIES = 3
+
+
+def _method_of(request: HttpRequest) -> str:
+    return request.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+class _ServerErrorRetry(AsyncRetryHandler):
+    """Retries a call that is safe to repeat when Slack answers with a 5xx."""
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        return response is not None and response.status_code >= 500 and _method_of(request) not in CREATES
+
+
+class _ConnectionErrorRetry(AsyncConnectionErrorRetryHandler):
+    """Retries a call that is safe to repeat when the connection to Slack fails."""
+
+    async def _can_retry_async(
+        self,
+        *,
+        state: RetryState,
+        request: HttpRequest,
+        response: HttpResponse | None = None,
+        error: Exception | None = None,
+    ) -> bool:
+        return _method_of(request) not in CREATES and await super()._can_retry_async(
+            state=state, request=request, response=response, error=error
+        )
+
+
+class _CountingWebClient(AsyncWebClient):
+    """Counts every failed call by method, for ``/metrics``."""
+
+    async def api_call(self, api_method: str, **kwargs: Any) -> AsyncSlackResponse:
         try:
-            await self._client.chat_postMessage(
-                channel=incoming.key.channel, thread_ts=incoming.key.thread_ts, markdown_text=text
-            )
-        except SlackApiError as exc:
-            raise SlackError("chat.postMessage", str(exc.response.get("error"))) from exc
+            return await super().api_call(api_method, **kwargs)
+        except (TimeoutError, SlackApiError, aiohttp.ClientError):
+            SLACK_ERRORS.labels(api_method).inc()
+            raise
+
+
+def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    """A Web API client whose calls survive rate limits (honouring ``Retry-After``), and 5xx and
+    connection errors when repeating the call is safe; one shared HTTP ``session`` when given."""
+    return _CountingWebClient(
+        token=token or None,
+        base_url=base_url,
+        session=session,
+        retry_handlers=[
+            AsyncRateLimitErrorRetryHandler(max_retry_count=WRITE_RETRIES),
+            _ServerErrorRetry(max_retry_count=WRITE_RETRIES),
+            _ConnectionErrorRetry(max_retry_count=WRITE_RETRIES),
+        ],
+    )
 
 
 async def check_app_token(client: AsyncWebClient, app_token: str) -> None:
@@ -406,12 +651,26 @@ async def check_app_token(client: AsyncWebClient, app_token: str) -> None:
         raise SlackError("apps.connections.open", str(exc.response.get("error"))) from exc
 
 
-async def fetch_identity(client: AsyncWebClient) -> dict[str, str]:
-    """The bot's own ids from ``auth.test`` (team_id, user_id, bot_id) and its granted ``scopes``."""
+@dataclass(frozen=True, slots=True)
+class BotIdentity:
+    """Who the bot is in Slack, from ``auth.test``: its workspace, user and bot ids, granted scopes."""
+
+    team_id: str
+    user_id: str
+    bot_id: str
+    scopes: frozenset[str]
+
+
+async def fetch_identity(client: AsyncWebClient) -> BotIdentity:
+    """The bot's own ids and its granted scopes (``auth.test``)."""
     try:
         response = await client.auth_test()
-    except SlackApiError as exc:
-        raise SlackError("auth.test", str(exc.response.get("error"))) from exc
-    identity = {k: str(response.get(k, "")) for k in ("team_id", "user_id", "bot_id")}
-    identity["scopes"] = str(response.headers.get("x-oauth-scopes", ""))
-    return identity
+    except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        raise _slack_error("auth_test", exc) from exc
+    scopes = str(response.headers.get("x-oauth-scopes", ""))
+    return BotIdentity(
+        team_id=str(response.get("team_id", "")),
+        user_id=str(response.get("user_id", "")),
+        bot_id=str(response.get("bot_id", "")),
+        scopes=frozenset(s.strip() for s in scopes.split(",") if s.strip()),
+    )

@@ -22,11 +22,13 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 
-from bot.app import Bot, build, serve_socket_mode
+from bot.processes import run, run_worker
+from bot.services import Services, open_services
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 from tests.fake_model import FakeModel
 from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
+from tests.procs import clean_env
 
 for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
     os.environ.pop(proxy, None)
@@ -89,6 +91,22 @@ class Harness:
     data_dir: Path
     defaults: dict[str, Any] = field(default_factory=dict)
 
+    def env(self, **overrides: str) -> dict[str, str]:
+        """A process environment for the bot against the fakes, with ``overrides`` on top."""
+        defaults = {
+            "SLACK_BOT_TOKEN": "xoxb-test",
+            "SLACK_APP_TOKEN": "xapp-test",
+            "SLACK_API_URL": self.slack.api_url,
+            "OPENAI_API_KEY": "sk-test",
+            "OPENAI_BASE_URL": self.model.base_url,
+            "OPENAI_MAX_RETRIES": "0",
+            "REDIS_URL": self.redis_url,
+            "REDIS_PREFIX": self.prefix,
+            "SYSTEM_PROMPT": "You are a test bot.",
+            "PYTHONPATH": os.getcwd(),
+        }
+        return clean_env(**(defaults | overrides))
+
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "slack_bot_token": "xoxb-test",
@@ -109,19 +127,48 @@ class Harness:
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
     @asynccontextmanager
-    async def running(self, **overrides: Any) -> AsyncIterator[Bot]:
-        """The real bot connected to the fake Slack over Socket Mode."""
+    async def running(self, *, workers: int | None = None, **overrides: Any) -> AsyncIterator[Services]:
+        """The real bot connected to the fake Slack over Socket Mode: the ingress and, unless ``workers``
+        says otherwise (see ``slack-gpt-bot run --workers``), a worker in the same process."""
         stop = asyncio.Event()
-        async with build(self.settings(**overrides)) as bot:
-            serving = asyncio.create_task(serve_socket_mode(bot, stop))
-            await self.slack.wait_for(
-                lambda: bool(self.slack.calls_to("apps.connections.open")), what="connect"
+        connections = len(self.slack.calls_to("apps.connections.open"))
+        async with open_services(self.settings(**overrides)) as services:
+            serving = asyncio.create_task(
+                run(
+                    services,
+                    http=False,
+                    host="127.0.0.1",
+                    port=0,
+                    workers=workers,
+                    metrics_port=None,
+                    stop=stop,
+                )
             )
+            await self.slack.wait_for(
+                lambda: len(self.slack.calls_to("apps.connections.open")) > connections or serving.done(),
+                what="connect",
+            )
+            if serving.done():
+                await serving  # it failed to start: show why
             try:
-                yield bot
+                yield services
             finally:
                 stop.set()
                 await serving
+
+    @asynccontextmanager
+    async def worker(self, **overrides: Any) -> AsyncIterator[Services]:
+        """A worker alone (``slack-gpt-bot worker``), in this process."""
+        stop = asyncio.Event()
+        async with open_services(self.settings(**overrides)) as services:
+            working = asyncio.create_task(
+                run_worker(services, host="127.0.0.1", metrics_port=None, stop=stop)
+            )
+            try:
+                yield services
+            finally:
+                stop.set()
+                await working
 
     async def say(
         self,
@@ -134,9 +181,11 @@ class Harness:
         event_type: str | None = None,
         event_id: str | None = None,
         ts: str | None = None,
+        acked: bool = True,
         **extra: Any,
     ) -> str:
-        """A person posts ``text``: stored in the fake Slack and delivered as an event. Returns its ts."""
+        """A person posts ``text``: stored in the fake Slack and delivered as an event, acknowledged
+        unless ``acked`` is False (then it is not waited for). Returns its ts."""
         ts = ts or self.slack.next_ts()
         if mention:
             text = f"<@{BOT_USER_ID}> {text}"
@@ -157,7 +206,8 @@ class Harness:
         if thread_ts:
             event["thread_ts"] = thread_ts
         envelope = await self.slack.send_event(event, event_id=event_id)
-        await self.slack.wait_ack(envelope)
+        if acked:
+            await self.slack.wait_ack(envelope)
         return ts
 
     def answers(self, channel: str = "C1") -> list[str]:

@@ -5,8 +5,11 @@ Web API (``/api/<method>``: auth, chat posting/updating/streaming, thread histor
 the Socket Mode WebSocket (``/socket``: hello, ``events_api`` envelopes, acks) for
 ``AsyncWebClient(base_url=fake.api_url)`` and bolt's ``AsyncSocketModeHandler`` to run unmodified. It
 records every Web API call, keeps an in-memory message store per channel (seeded with ``add_message``,
-written by the bot's posts and streams) and lets a test inject per-method errors via ``fail``. It owns
-nothing else: no client objects are patched or mocked.
+written by the bot's posts and streams, with their message metadata) and lets a test inject per-method
+errors: Slack's own ``ok: false`` answers via ``fail``, HTTP failures (500, 429 with ``Retry-After``, with
+or without the call having taken effect) via ``fail_http``. Envelopes the app did not acknowledge can be
+delivered again, as Slack does, with ``redeliver_unacked``. It owns nothing else: no client objects are
+patched or mocked.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import copy
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
@@ -53,6 +57,15 @@ def _user(uid: str, name: str, real_name: str, *, is_bot: bool = False) -> dict[
     return {**user, "deleted": False, "tz": "Europe/London", "profile": profile}
 
 
+def _set_metadata(msg: dict[str, Any], args: dict[str, Any]) -> None:
+    """Keep a message's metadata as Slack does: set by the call that carries it, else unchanged."""
+    metadata = args.get("metadata")
+    if isinstance(metadata, str):  # form-encoded callers send JSON strings
+        metadata = json.loads(metadata)
+    if isinstance(metadata, dict):
+        msg["metadata"] = metadata
+
+
 def _chunk_text(chunks: Any) -> str:
     if isinstance(chunks, str):  # form-encoded callers send JSON strings
         chunks = json.loads(chunks)
@@ -73,6 +86,7 @@ class FakeSlack:
         }
         self.users[BOT_USER_ID]["profile"]["bot_id"] = BOT_ID
         self.fail: dict[str, str] = {}
+        self._http_failures: dict[str, deque[tuple[int, bool]]] = {}  # method -> (status, after processing)
         self.delay: dict[str, float] = {}  # method -> seconds to wait before answering
         self.scopes: list[str] = list(REQUIRED_SCOPES)  # granted to the bot token (x-oauth-scopes)
         self.call_listeners: list[Callable[[Call], None]] = []  # told of every call as it arrives
@@ -85,6 +99,7 @@ class FakeSlack:
         self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
         self._last_ts_us = 1_700_000_000_000_000
         self._sent: dict[str, float] = {}  # envelope_id -> monotonic send time
+        self._envelopes: dict[str, dict[str, Any]] = {}  # envelope_id -> the envelope sent
         self._sockets: list[web.WebSocketResponse] = []
         self._runner: web.AppRunner | None = None
         self._port = 0
@@ -115,6 +130,7 @@ class FakeSlack:
                 "channels": self.bot_channels,
                 "response_metadata": {"next_cursor": ""},
             },
+            "chat.delete": self._delete,
             "views.open": self._view,
             "views.update": self._view,
             "views.publish": self._view,
@@ -157,6 +173,16 @@ class FakeSlack:
     def calls_to(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
+    def fail_http(self, method: str, status: int, *, times: int = 1, after_processing: bool = False) -> None:
+        """Answer the next ``times`` calls of ``method`` with HTTP ``status`` (429 comes with
+        ``Retry-After: 0``); ``after_processing``: do what the call asks first, as a server that fails
+        while answering would."""
+        self._http_failures.setdefault(method, deque()).extend([(status, after_processing)] * times)
+
+    def bot_messages(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        """The bot's messages in a thread, oldest first, with their metadata."""
+        return [m for m in self.thread(channel, thread_ts) if m.get("user") == BOT_USER_ID]
+
     def add_message(
         self,
         channel: str,
@@ -166,8 +192,11 @@ class FakeSlack:
         text: str,
         thread_ts: str | None = None,
         bot_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> None:
         msg: dict[str, Any] = {"type": "message", "ts": ts, "text": text}
+        if metadata is not None:
+            msg["metadata"] = metadata
         if user is not None:
             msg["user"] = user
         if thread_ts is not None:
@@ -285,8 +314,22 @@ class FakeSlack:
             "payload": payload,
         }
         self._sent[envelope_id] = time.monotonic()
+        self._envelopes[envelope_id] = envelope
         await self._sockets[-1].send_str(json.dumps(envelope))
         return envelope_id
+
+    async def redeliver_unacked(self) -> list[str]:
+        """Send every envelope the app has not acknowledged again, as Slack retries them; the new ids."""
+        resent = []
+        for envelope_id, envelope in list(self._envelopes.items()):
+            if envelope_id in self.acks:
+                continue
+            del self._envelopes[envelope_id]
+            attempt = envelope["retry_attempt"] + 1
+            new_id = await self._send_envelope(envelope["type"], envelope["payload"])
+            self._envelopes[new_id].update(retry_attempt=attempt, retry_reason="timeout")
+            resent.append(new_id)
+        return resent
 
     async def _socket(self, request: web.Request) -> web.WebSocketResponse:
         # autoping (the default) answers the SDK's "sdk-ping-pong:<t>" pings with matching pongs.
@@ -333,15 +376,28 @@ class FakeSlack:
             listener(call)
         await asyncio.sleep(self.delay.get(method, 0.0))  # recorded on arrival, answered late
         handler = self._handlers.get(method)
+        failures = self._http_failures.get(method)
+        status, after_processing = failures.popleft() if failures else (200, False)
+        if status != 200 and not after_processing:
+            return self._http_failure(status)
         try:
             if method in self.fail:
                 raise SlackError(self.fail[method])
             if handler is None:
                 raise SlackError("unknown_method")
+            answer = handler(args)
+            if status != 200:
+                return self._http_failure(status)
             scopes = {"x-oauth-scopes": ",".join(self.scopes)}
-            return web.json_response({"ok": True, **handler(args)}, headers=scopes)
+            return web.json_response({"ok": True, **answer}, headers=scopes)
         except SlackError as e:
             return web.json_response({"ok": False, "error": str(e)})
+
+    @staticmethod
+    def _http_failure(status: int) -> web.Response:
+        headers = {"Retry-After": "0"} if status == 429 else {}
+        error = "ratelimited" if status == 429 else "internal_error"
+        return web.json_response({"ok": False, "error": error}, status=status, headers=headers)
 
     def next_ts(self) -> str:
         self._last_ts_us += 100
@@ -365,6 +421,7 @@ class FakeSlack:
         msg["app_id"] = APP_ID
         if "blocks" in args:
             msg["blocks"] = args["blocks"]
+        _set_metadata(msg, args)
         return msg
 
     def _auth_test(self, _: dict[str, Any]) -> dict[str, Any]:
@@ -391,6 +448,7 @@ class FakeSlack:
         msg["text"] = args.get("markdown_text") or args.get("text") or ""
         if "blocks" in args:
             msg["blocks"] = args["blocks"]
+        _set_metadata(msg, args)
         return {"channel": args["channel"], "ts": msg["ts"], "text": msg["text"], "message": dict(msg)}
 
     def _start_stream(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -408,13 +466,25 @@ class FakeSlack:
         msg["text"] += (args.get("markdown_text") or "") + _chunk_text(args.get("chunks"))
         if "blocks" in args:
             msg["blocks"] = args["blocks"]
+        _set_metadata(msg, args)
         self._streaming[key] = not stop
+        return {"channel": args["channel"], "ts": msg["ts"]}
+
+    def _delete(self, args: dict[str, Any]) -> dict[str, Any]:
+        msg = self._find(args)
+        del self._messages[str(args["channel"])][msg["ts"]]
         return {"channel": args["channel"], "ts": msg["ts"]}
 
     def _replies(self, args: dict[str, Any]) -> dict[str, Any]:
         messages = self.thread(str(args.get("channel")), str(args.get("ts")))
         if not messages:
             raise SlackError("thread_not_found")
+        if args.get("oldest"):
+            oldest = Decimal(str(args["oldest"]))
+            messages = [m for m in messages if Decimal(m["ts"]) > oldest]
+        if str(args.get("include_all_metadata")).lower() not in ("true", "1"):
+            for message in messages:
+                message.pop("metadata", None)
         limit = min(max(int(args.get("limit") or 100), 1), 1000)
         cursor = str(args.get("cursor") or "")
         if cursor and not (cursor.startswith("offset_") and cursor[7:].isdigit()):

@@ -1,8 +1,8 @@
 """Small hand-written in-memory fakes of the protocols in ``bot.domain``, for unit tests of the pipeline.
 
 Each fake does the least that honours its protocol and records what it was asked, so tests assert on
-behaviour: ``MemoryHistory`` (turns, dedup, per-thread lock), ``ScriptedModel`` (scripted chunks or a
-scripted ``ModelError``), ``RecordingSlack`` with its ``RecordingReply``, ``StaticPersonas`` and
+behaviour: ``MemoryHistory`` (turns, per-thread lock, job progress), ``ScriptedModel`` (scripted chunks
+or a scripted ``ModelError``), ``RecordingSlack`` with its ``RecordingReply``, ``StaticPersonas`` and
 ``WordCounter`` (one word is one token). No ``unittest.mock`` anywhere.
 """
 
@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from bot.domain import (
     ChatMessage,
     Incoming,
+    JobProgress,
     Persona,
+    ReplyLog,
     SlackMessage,
     StreamEnd,
     ThreadKey,
@@ -36,17 +38,10 @@ class MemoryHistory:
 
     def __init__(self) -> None:
         self.turns: defaultdict[ThreadKey, list[Turn]] = defaultdict(list)
-        self.claimed: set[tuple[str, str]] = set()
         self.active: set[ThreadKey] = set()
-        self.seeded: set[ThreadKey] = set()
+        self.progresses: defaultdict[tuple[ThreadKey, str], dict[str, object]] = defaultdict(dict)
         self.recent_budgets: list[int] = []  # the token_budget of every recent() call, in order
         self._locks: defaultdict[ThreadKey, asyncio.Lock] = defaultdict(asyncio.Lock)
-
-    async def claim(self, team: str, dedup_key: str) -> bool:
-        if (team, dedup_key) in self.claimed:
-            return False
-        self.claimed.add((team, dedup_key))
-        return True
 
     @asynccontextmanager
     async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
@@ -54,7 +49,7 @@ class MemoryHistory:
             yield
 
     async def state(self, key: ThreadKey) -> ThreadState:
-        return ThreadState(active=key in self.active, seeded=key in self.seeded)
+        return ThreadState(active=key in self.active, remembered=bool(self.turns[key]))
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
         """Newest first, stopping right after the turn that takes the total past ``token_budget``."""
@@ -70,11 +65,32 @@ class MemoryHistory:
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
         self.turns[key].extend(turns)
-        self.seeded.add(key)
 
-    async def append(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
-        self.turns[key].extend(turns)
-        self.active.add(key)
+    async def progress(self, key: ThreadKey, job_id: str) -> JobProgress:
+        fields = self.progresses[(key, job_id)]
+        parts = fields.get("parts", {})
+        assert isinstance(parts, dict)
+        return JobProgress(
+            question_stored="question" in fields,
+            answered="answer" in fields,
+            parts=tuple(parts[i] for i in range(len(parts))),
+        )
+
+    async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        self._store_once(key, job_id, "question", turn)
+
+    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        self._store_once(key, job_id, "answer", turn)
+
+    def _store_once(self, key: ThreadKey, job_id: str, field: str, turn: Turn) -> None:
+        if field not in self.progresses[(key, job_id)]:
+            self.progresses[(key, job_id)][field] = True
+            self.turns[key].append(turn)
+
+    async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:
+        parts = self.progresses[(key, job_id)].setdefault("parts", {})
+        assert isinstance(parts, dict)
+        parts[index] = ts
 
 
 @dataclass
@@ -131,9 +147,10 @@ class ScriptedModel:
 
 @dataclass
 class RecordingReply:
-    """Implements ``ReplyStream`` by recording each call as ``(method, argument)``."""
+    """Implements ``ReplyStream`` by recording each call as ``(method, argument)``; writes one part."""
 
     incoming: Incoming
+    log: ReplyLog
     events: list[tuple[str, str | None]] = field(default_factory=list)
 
     async def thinking(self) -> None:
@@ -147,6 +164,11 @@ class RecordingReply:
 
     async def fail(self, message: str) -> None:
         self.events.append(("fail", message))
+
+    async def notice(self, text: str) -> None:
+        self.events.append(("notice", text))
+        if not self.log.parts:
+            await self.log.record(0, f"notice-{self.incoming.ts}")
 
     @property
     def text(self) -> str:
@@ -175,7 +197,6 @@ class RecordingSlack:
         self.thread = list(thread)
         self.bot_user_id = bot_user_id
         self.replies: list[RecordingReply] = []
-        self.posts: list[tuple[Incoming, str]] = []
         self.thread_reads: list[ThreadKey] = []
 
     async def readable(self, team: str, text: str) -> str:
@@ -192,13 +213,10 @@ class RecordingSlack:
         self.thread_reads.append(key)
         return list(self.thread)
 
-    def reply_stream(self, incoming: Incoming) -> RecordingReply:
-        reply = RecordingReply(incoming)
+    def reply_stream(self, incoming: Incoming, log: ReplyLog) -> RecordingReply:
+        reply = RecordingReply(incoming, log)
         self.replies.append(reply)
         return reply
-
-    async def post(self, incoming: Incoming, text: str) -> None:
-        self.posts.append((incoming, text))
 
 
 class StaticPersonas:

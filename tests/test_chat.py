@@ -11,7 +11,7 @@ import pexpect
 
 from tests.conftest import Harness
 from tests.fake_model import Reply
-from tests.test_cli import clean_env
+from tests.procs import clean_env
 
 
 async def expect(child: pexpect.spawn, pattern: str) -> None:

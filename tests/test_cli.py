@@ -12,23 +12,7 @@ import yaml
 
 from bot.slack import REQUIRED_SCOPES
 from tests.conftest import Harness
-
-SETTINGS_VARS = (
-    "SLACK_",
-    "OPENAI_",
-    "REDIS_",
-    "MAX_",
-    "STREAM_",
-    "HISTORY_",
-    "PERSONAS_",
-    "SYSTEM_",
-    "TOKEN_",
-)
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_VARS)}
-    return env | values
+from tests.procs import clean_env
 
 
 async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: object) -> None:
@@ -46,26 +30,11 @@ async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
     harness: Harness, tmp_path: object, method: str
 ) -> None:
     harness.slack.fail[method] = "invalid_auth"
-    env = bot_env(harness, SLACK_BOT_TOKEN="xoxb-revoked")
+    env = harness.env(SLACK_BOT_TOKEN="xoxb-revoked")
     code, stderr = await run_command(env, "run", cwd=str(tmp_path))
     assert code == 1
     assert f"{method} failed: invalid_auth" in stderr
     assert "Traceback" not in stderr and "xoxb-revoked" not in stderr
-
-
-def bot_env(harness: Harness, **overrides: str) -> dict[str, str]:
-    """A process environment for the bot against the fakes, with ``overrides`` on top."""
-    defaults = {
-        "SLACK_BOT_TOKEN": "xoxb-test",
-        "SLACK_APP_TOKEN": "xapp-test",
-        "SLACK_API_URL": harness.slack.api_url,
-        "OPENAI_API_KEY": "sk-test",
-        "OPENAI_BASE_URL": harness.model.base_url,
-        "REDIS_URL": harness.redis_url,
-        "REDIS_PREFIX": harness.prefix,
-        "PYTHONPATH": os.getcwd(),
-    }
-    return clean_env(**(defaults | overrides))
 
 
 async def run_command(env: dict[str, str], *args: str, cwd: str) -> tuple[int, str]:
@@ -98,7 +67,7 @@ async def test_models_lists_the_endpoints_models_with_the_one_in_use_marked(
 
 
 async def test_check_passes_when_everything_is_in_place(harness: Harness, tmp_path: object) -> None:
-    code, output = await run_command(bot_env(harness), "check", cwd=str(tmp_path))
+    code, output = await run_command(harness.env(), "check", cwd=str(tmp_path))
     lines = output.strip().splitlines()
     assert code == 0, output
     assert [line.split(":")[0] for line in lines if not line.startswith(("2", " "))] == [
@@ -127,7 +96,7 @@ async def test_check_passes_when_everything_is_in_place(harness: Harness, tmp_pa
 async def test_check_names_each_failure_and_exits_non_zero(
     harness: Harness, tmp_path: Path, failure: str, expected: str
 ) -> None:
-    env = bot_env(harness)
+    env = harness.env()
     if failure == "scope":
         harness.slack.scopes.remove("commands")
     elif failure == "app token":

@@ -1,4 +1,4 @@
-"""The pipeline in ``bot.conversation``: ``build_context`` trimming and ``Responder.respond``, on fakes."""
+"""The pipeline in ``bot.conversation``: ``build_context`` trimming and ``Responder`` answering jobs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from bot.conversation import (
     build_context,
     safety_margin,
 )
-from bot.domain import ChatMessage, Incoming, Persona, Role, SlackMessage, ThreadKey, Turn
+from bot.domain import ChatMessage, Incoming, Job, Persona, Role, SlackMessage, ThreadKey, Turn
 from bot.errors import ModelError, ModelErrorKind
 from bot.tokens import REPLY_PRIMING_TOKENS
 from tests.memory import (
@@ -267,6 +267,11 @@ def incoming(
     )
 
 
+def job(message: Incoming, attempt: int = 1) -> Job:
+    """The job the ingress would queue for ``message``."""
+    return Job(f"job-{message.ts}", message, attempt)
+
+
 def contents(messages: list[ChatMessage]) -> list[tuple[str, str]]:
     return [(m["role"], m["content"]) for m in messages]
 
@@ -275,7 +280,7 @@ async def test_mention_streams_an_answer_and_stores_question_and_answer(pipe: Pi
     pipe.model.answer("Use ", "CONFIG SET ", "requirepass.")
     message = incoming("100.1")
 
-    await pipe.responder.respond(message)
+    await pipe.responder.respond(job(message))
 
     [reply] = pipe.slack.replies
     assert reply.incoming == message
@@ -298,35 +303,6 @@ async def test_mention_streams_an_answer_and_stores_question_and_answer(pipe: Pi
     assert [t.tokens for t in stored] == [WORDS.message_tokens(t.role, t.content) for t in stored]
     assert all(t.encoding == "words" for t in stored)
     assert stored[0].ts == "100.1"
-    assert pipe.slack.posts == []
-
-
-async def test_duplicate_delivery_is_answered_once(pipe: Pipeline) -> None:
-    pipe.model.answer("once")
-    mention = incoming("100.1")
-    same_message = incoming("100.1", text=f"<@{BOT_USER_ID}>  how do I rotate a password?")
-    assert mention.dedup_key == same_message.dedup_key
-
-    await pipe.responder.respond(mention)
-    await pipe.responder.respond(same_message)
-
-    assert len(pipe.slack.replies) == 1
-    assert len(pipe.model.calls) == 1
-    assert len(pipe.history.turns[mention.key]) == 2
-    assert pipe.slack.posts == []
-
-
-async def test_unaddressed_message_in_a_thread_the_bot_is_not_in_gets_nothing(pipe: Pipeline) -> None:
-    chatter = incoming("100.2", "just chatting", thread_ts="100.1", addressed=False)
-
-    await pipe.responder.respond(chatter)
-
-    assert pipe.slack.replies == []
-    assert pipe.slack.posts == []
-    assert pipe.slack.thread_reads == []
-    assert pipe.model.calls == []
-    assert pipe.history.turns[chatter.key] == []
-    assert chatter.key not in pipe.history.active | pipe.history.seeded
 
 
 async def test_follow_up_in_a_thread_the_bot_answered_is_answered_with_the_earlier_exchange(
@@ -334,10 +310,10 @@ async def test_follow_up_in_a_thread_the_bot_answered_is_answered_with_the_earli
 ) -> None:
     pipe.model.answer("first answer")
     pipe.model.answer("second answer")
-    await pipe.responder.respond(incoming("100.1", f"<@{BOT_USER_ID}> first question"))
+    await pipe.responder.respond(job(incoming("100.1", f"<@{BOT_USER_ID}> first question")))
 
     follow_up = incoming("100.2", "and a follow-up", thread_ts="100.1", addressed=False, user="U2")
-    await pipe.responder.respond(follow_up)
+    await pipe.responder.respond(job(follow_up))
 
     assert len(pipe.slack.replies) == 2
     assert pipe.slack.replies[1].text == "second answer"
@@ -367,10 +343,9 @@ async def test_mention_in_an_unseen_thread_reads_the_thread_first() -> None:
     pipe.model.answer("Roll back.")
     mention = incoming("200.5", f"<@{BOT_USER_ID}> what should we do?", thread_ts="200.1")
 
-    await pipe.responder.respond(mention)
+    await pipe.responder.respond(job(mention))
 
     assert pipe.slack.thread_reads == [mention.key]
-    assert mention.key in pipe.history.seeded
     stored = pipe.history.turns[mention.key]
     assert [(t.role, t.ts, t.content) for t in stored] == [
         ("user", "200.1", "bob: the deploy is failing"),
@@ -391,11 +366,11 @@ async def test_mention_in_an_unseen_thread_reads_the_thread_first() -> None:
 async def test_empty_mention_posts_the_hint_and_does_not_call_the_model(pipe: Pipeline) -> None:
     mention = incoming("100.1", f"<@{BOT_USER_ID}>  ")
 
-    await pipe.responder.respond(mention)
+    await pipe.responder.respond(job(mention))
 
-    assert pipe.slack.posts == [(mention, EMPTY_MENTION_HINT)]
+    [reply] = pipe.slack.replies
+    assert reply.events == [("notice", EMPTY_MENTION_HINT)]
     assert pipe.model.calls == []
-    assert pipe.slack.replies == []
     assert pipe.history.turns[mention.key] == []
 
 
@@ -405,12 +380,12 @@ async def test_model_error_fails_the_reply_with_its_message_and_stores_no_answer
 ) -> None:
     key = ThreadKey(TEAM, "C1", "100.1")
     earlier = [make_turn("user", "earlier question", name="alice"), make_turn("assistant", "earlier answer")]
-    await pipe.history.append(key, earlier)
+    await pipe.history.seed(key, earlier)
     pipe.model.fail(kind)
     if kind == "context_length":
         pipe.model.fail(kind)  # the retry at half budget fails too
 
-    await pipe.responder.respond(incoming("100.3", f"<@{BOT_USER_ID}> again?", thread_ts="100.1"))
+    await pipe.responder.respond(job(incoming("100.3", f"<@{BOT_USER_ID}> again?", thread_ts="100.1")))
 
     [reply] = pipe.slack.replies
     assert reply.events == [("thinking", None), ("fail", ModelError(kind).user_message)]
@@ -421,23 +396,10 @@ async def test_model_error_fails_the_reply_with_its_message_and_stores_no_answer
     assert [(t.role, t.text) for t in stored[2:]] == [("user", "again?")]
 
 
-async def test_model_error_on_a_first_mention_does_not_make_the_bot_take_part(pipe: Pipeline) -> None:
-    pipe.model.fail("unavailable")
-    mention = incoming("100.1")
-
-    await pipe.responder.respond(mention)
-    await pipe.responder.respond(incoming("100.2", "anyone?", thread_ts="100.1", addressed=False))
-
-    assert mention.key not in pipe.history.active
-    assert [t.role for t in pipe.history.turns[mention.key]] == ["user"]
-    assert len(pipe.slack.replies) == 1, "an unaddressed follow-up is not answered after a failure"
-    assert pipe.slack.replies[0].methods == ["thinking", "fail"]
-
-
 async def _long_active_thread(pipe: Pipeline) -> ThreadKey:
     """A thread the bot takes part in with 30 turns of 40 tokens each: more than fits the budget."""
     key = ThreadKey(TEAM, "C1", "300.1")
-    await pipe.history.append(
+    await pipe.history.seed(
         key, [make_turn("user" if i % 2 else "assistant", words(36, f"t{i}x")) for i in range(30)]
     )
     return key
@@ -448,9 +410,10 @@ async def test_context_length_is_retried_once_with_half_the_budget(pipe: Pipelin
     pipe.model.fail("context_length")
     pipe.model.answer("fits now")
 
-    await pipe.responder.respond(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts))
+    await pipe.responder.respond(job(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts)))
 
-    assert pipe.history.recent_budgets == [MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS // 2]
+    question = WORDS.message_tokens("user", "alice: hi there")  # stored already, read back with the rest
+    assert pipe.history.recent_budgets == [MAX_PROMPT_TOKENS + question, MAX_PROMPT_TOKENS // 2 + question]
     first, second = pipe.model.calls
     assert len(second.messages) < len(first.messages)
     assert message_cost(second.messages) <= MAX_PROMPT_TOKENS // 2 < message_cost(first.messages)
@@ -466,10 +429,9 @@ async def test_context_length_twice_fails_with_the_context_length_message(pipe: 
     pipe.model.fail("context_length")
     pipe.model.fail("context_length")
 
-    await pipe.responder.respond(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts))
+    await pipe.responder.respond(job(incoming("300.9", "<@UBOT> hi there", thread_ts=key.thread_ts)))
 
     assert len(pipe.model.calls) == 2
-    assert pipe.history.recent_budgets == [MAX_PROMPT_TOKENS, MAX_PROMPT_TOKENS // 2]
     [reply] = pipe.slack.replies
     assert reply.events[-1] == ("fail", ModelError("context_length").user_message)
     assert "fail" not in reply.methods[:-1]
@@ -482,7 +444,7 @@ async def test_context_length_twice_fails_with_the_context_length_message(pipe: 
 async def test_answer_cut_at_the_token_limit_gets_the_length_note(pipe: Pipeline) -> None:
     pipe.model.answer("a long answer that was", finish_reason="length")
 
-    await pipe.responder.respond(incoming("100.1"))
+    await pipe.responder.respond(job(incoming("100.1")))
 
     [reply] = pipe.slack.replies
     assert reply.events[-1] == ("finish", LENGTH_NOTE)
@@ -492,7 +454,7 @@ async def test_answer_cut_at_the_token_limit_gets_the_length_note(pipe: Pipeline
 async def test_complete_answer_has_no_footnote(pipe: Pipeline) -> None:
     pipe.model.answer("done", finish_reason="stop")
 
-    await pipe.responder.respond(incoming("100.1"))
+    await pipe.responder.respond(job(incoming("100.1")))
 
     assert pipe.slack.replies[0].events[-1] == ("finish", None)
 
@@ -501,11 +463,50 @@ async def test_the_channel_persona_system_prompt_is_used(pipe: Pipeline) -> None
     pipe.model.answer("Arr.")
     pipe.model.answer("Hello.")
 
-    await pipe.responder.respond(incoming("100.1", channel="C2"))
-    await pipe.responder.respond(incoming("100.2", channel="C1"))
+    await pipe.responder.respond(job(incoming("100.1", channel="C2")))
+    await pipe.responder.respond(job(incoming("100.2", channel="C1")))
 
     pirate_call, default_call = pipe.model.calls
     assert pirate_call.persona == PIRATE
     assert pirate_call.messages[0] == {"role": "system", "content": PIRATE.system_prompt}
     assert default_call.persona == DEFAULT
     assert default_call.messages[0] == {"role": "system", "content": DEFAULT.system_prompt}
+
+
+async def test_a_retried_job_stores_its_question_once_and_rewrites_its_earlier_messages(
+    pipe: Pipeline,
+) -> None:
+    message = incoming("100.1")
+    pipe.model.fail("unavailable")
+    pipe.model.answer("the answer")
+    await pipe.responder.respond(job(message))
+    await pipe.history.record_part(message.key, job(message).id, 0, "100.5")  # what attempt 1 wrote
+
+    await pipe.responder.respond(job(message, attempt=2))
+
+    assert [t.text for t in pipe.history.turns[message.key]] == ["how do I rotate a password?", "the answer"]
+    retry = pipe.slack.replies[1]
+    assert (retry.log.attempt, retry.log.parts) == (2, ("100.5",))
+    assert retry.methods[-1] == "finish"
+
+
+async def test_a_job_found_answered_is_not_answered_again(pipe: Pipeline) -> None:
+    message = incoming("100.1")
+    pipe.model.answer("the answer")
+    await pipe.responder.respond(job(message))
+
+    await pipe.responder.respond(job(message, attempt=2))  # its acknowledgement was lost
+
+    assert len(pipe.model.calls) == 1 and len(pipe.slack.replies) == 1
+    assert len(pipe.history.turns[message.key]) == 2
+
+
+async def test_an_apology_replaces_what_the_jobs_attempts_wrote(pipe: Pipeline) -> None:
+    message = incoming("100.1")
+    await pipe.history.record_part(message.key, job(message).id, 0, "100.5")
+
+    await pipe.responder.apologise(job(message, attempt=4), "Sorry.")
+
+    [reply] = pipe.slack.replies
+    assert reply.log.parts == ("100.5",)
+    assert reply.events == [("notice", ":warning: Sorry.")]

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
-import socket
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 
-from bot.app import build, serve_http
+from bot.processes import run
+from bot.services import open_services
+from bot.settings import Settings
 from tests.conftest import Harness
 from tests.fake_slack import BOT_USER_ID
+from tests.procs import free_port
 
 SECRET = "signing-secret"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@contextlib.asynccontextmanager
+async def serving_http(settings: Settings, port: int) -> AsyncIterator[None]:
+    """The bot in HTTP mode on ``port`` (with a worker in the same process), until the block ends."""
+    stop = asyncio.Event()
+    async with open_services(settings) as services:
+        serving = asyncio.create_task(
+            run(services, http=True, host="127.0.0.1", port=port, workers=None, metrics_port=None, stop=stop)
+        )
+        try:
+            yield
+        finally:
+            stop.set()
+            await serving
 
 
 def signed(body: str, secret: str = SECRET) -> dict[str, str]:
@@ -36,7 +49,6 @@ def signed(body: str, secret: str = SECRET) -> dict[str, str]:
 
 async def test_http_mode_answers_signed_events_and_rejects_bad_signatures(harness: Harness) -> None:
     port = free_port()
-    stop = asyncio.Event()
     ts = harness.slack.next_ts()
     harness.slack.add_message("C1", ts=ts, user="U1", text=f"<@{BOT_USER_ID}> over http?")
     event = {
@@ -48,8 +60,7 @@ async def test_http_mode_answers_signed_events_and_rejects_bad_signatures(harnes
     }
     body = json.dumps(harness.slack.event_callback(event, event_id="EvHTTP1"))
     url = f"http://127.0.0.1:{port}/slack/events"
-    async with build(harness.settings(slack_app_token=None)) as bot:
-        serving = asyncio.create_task(serve_http(bot, stop, host="127.0.0.1", port=port))
+    async with serving_http(harness.settings(slack_app_token=None), port):
         async with aiohttp.ClientSession() as http:
             for _ in range(100):  # until the server listens
                 try:
@@ -61,8 +72,6 @@ async def test_http_mode_answers_signed_events_and_rejects_bad_signatures(harnes
             replayed = await http.post(url, data=body, headers=stale)
             genuine = await http.post(url, data=body, headers=signed(body))
         await harness.replies_done(1)
-        stop.set()
-        await serving
     assert forged.status == 401 and replayed.status == 401
     assert genuine.status == 200
     assert len(harness.model.requests) == 1
@@ -70,7 +79,7 @@ async def test_http_mode_answers_signed_events_and_rejects_bad_signatures(harnes
 
 
 async def test_two_replicas_sharing_redis_answer_a_redelivered_event_once(harness: Harness) -> None:
-    ports, stop = [free_port(), free_port()], asyncio.Event()
+    ports = [free_port(), free_port()]
     ts = harness.slack.next_ts()
     text = f"<@{BOT_USER_ID}> which replica answers?"
     harness.slack.add_message("C1", ts=ts, user="U1", text=text)
@@ -80,11 +89,7 @@ async def test_two_replicas_sharing_redis_answer_a_redelivered_event_once(harnes
         )
     )
     settings = harness.settings(slack_app_token=None)
-    async with build(settings) as first, build(settings) as second:
-        servers = [
-            asyncio.create_task(serve_http(bot, stop, host="127.0.0.1", port=port))
-            for bot, port in zip((first, second), ports, strict=True)
-        ]
+    async with serving_http(settings, ports[0]), serving_http(settings, ports[1]):
         async with aiohttp.ClientSession() as http:
 
             async def deliver(port: int) -> int:
@@ -100,8 +105,6 @@ async def test_two_replicas_sharing_redis_answer_a_redelivered_event_once(harnes
             statuses = await asyncio.gather(*(deliver(port) for port in ports))
         await harness.replies_done(1)
         await asyncio.sleep(0.3)
-        stop.set()
-        await asyncio.gather(*servers)
     assert statuses == [200, 200]
     assert len(harness.model.requests) == 1
     assert len(harness.slack.calls_to("chat.startStream")) == 1

@@ -261,7 +261,7 @@ async def test_personas_survive_a_restart_and_replicas_see_changes_at_once(harne
         async with harness.running():  # a second replica; events now reach it
             await persona(harness, "set You are shared.")
         # The first replica reads the change from Redis, with no restart and no stale copy.
-        seen = await first.responder.personas.resolve(ThreadKey(TEAM_ID, "C1", "1.0"))
+        seen = await first.personas.resolve(ThreadKey(TEAM_ID, "C1", "1.0"))
         assert seen.system_prompt == "You are shared."
     async with harness.running():  # a restart
         assert "You are shared." in await persona(harness, "")

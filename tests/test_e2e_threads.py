@@ -151,7 +151,8 @@ async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_questio
         turns.append(
             Turn(role, text, counter.message_tokens(role, content), "o200k_base", speaker_name="alice")
         )
-    await history.append(key, turns)
+    await history.seed(key, turns)
+    await history.activate(key)  # a thread the bot takes part in
     harness.slack.add_message("C1", ts=key.thread_ts, user="U1", text="parent")
     async with harness.running(max_prompt_tokens=budget):
         await harness.say("what was the last number?", thread_ts=key.thread_ts, mention=False)

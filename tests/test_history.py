@@ -1,4 +1,4 @@
-"""RedisHistory on a real Redis: keys, TTLs, caps, paged reads, recounts, lock, dedup, embedded server."""
+"""RedisHistory on real Redis: keys, TTLs, caps, paged reads, recounts, lock, job progress, embedded Redis."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis
 
-from bot.domain import ThreadKey, Turn
+from bot.domain import JobProgress, ThreadKey, ThreadState, Turn
 from bot.errors import HistoryError
-from bot.history import DEDUP_SECONDS, RedisHistory, open_redis
+from bot.history import PROGRESS_SECONDS, RedisHistory, open_redis
 from bot.tokens import TiktokenCounter
 
 KEY = ThreadKey("T9", "C9", "1700000000.000001")
@@ -27,20 +27,22 @@ async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
     redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix, ttl_seconds=600, max_turns=5)
-    await history.append(KEY, [turn(counter, i) for i in range(8)])
+    assert not (await history.state(KEY)).remembered
+    await history.seed(KEY, [turn(counter, i) for i in range(8)])
+    await history.activate(KEY)
     keys = sorted([k async for k in redis_client.scan_iter(match=f"{prefix}*")])
     assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:meta", f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
     assert 590 < await redis_client.ttl(keys[1]) <= 600 and 590 < await redis_client.ttl(keys[0]) <= 600
     stored = await history.recent(KEY, 10**6)
     assert [t.text for t in stored] == [f"turn {i}" for i in (7, 6, 5, 4, 3)]  # capped, newest first
-    assert (await history.state(KEY)).active
+    assert await history.state(KEY) == ThreadState(active=True, remembered=True)
 
 
 async def test_recent_reads_only_what_the_budget_can_use(
     redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix)
-    await history.append(KEY, [turn(counter, i) for i in range(10_000)])
+    await history.seed(KEY, [turn(counter, i) for i in range(10_000)])
     per_turn = turn(counter, 9999).tokens
     recent = await history.recent(KEY, 50 * per_turn)
     assert len(recent) == 51  # what fits, plus the one that tells build_context to stop
@@ -52,7 +54,7 @@ async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewrit
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix)
     old = Turn("assistant", "bonjour " * 50, 1, "cl100k_base")
-    await history.append(KEY, [old])
+    await history.seed(KEY, [old])
     (recounted,) = await history.recent(KEY, 10**6)
     assert recounted.encoding == "o200k_base"
     assert recounted.tokens == counter.message_tokens("assistant", "bonjour " * 50)
@@ -60,14 +62,46 @@ async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewrit
     assert json.loads(raw)["enc"] == "o200k_base"
 
 
-async def test_the_same_message_is_claimed_once(
+async def test_a_jobs_question_and_answer_are_stored_once_however_often_it_is_tried(
     redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix)
-    assert await history.claim("T9", "C9:1.2") is True
-    assert await history.claim("T9", "C9:1.2") is False
-    assert await history.claim("T8", "C9:1.2") is True  # another workspace
-    assert 0 < await redis_client.ttl(f"{prefix}event:T9:C9:1.2") <= DEDUP_SECONDS
+    question = turn(counter, 1)
+    answer = Turn("assistant", "an answer", counter.message_tokens("assistant", "an answer"), "o200k_base")
+    assert await history.progress(KEY, "1-0") == JobProgress()
+    for _ in range(2):  # a job tried twice
+        await history.store_question(KEY, "1-0", question)
+        await history.record_part(KEY, "1-0", 0, "1700000000.000100")
+    await history.record_part(KEY, "1-0", 1, "1700000000.000200")
+    await history.store_answer(KEY, "1-0", answer)
+    await history.store_answer(KEY, "1-0", answer)
+    assert [t.text for t in await history.recent(KEY, 10**6)] == ["an answer", "turn 1"]
+    assert await history.progress(KEY, "1-0") == JobProgress(
+        question_stored=True, answered=True, parts=("1700000000.000100", "1700000000.000200")
+    )
+    progress_key = f"{prefix}{{T9:C9:1700000000.000001}}:job:1-0"
+    assert 0 < await redis_client.ttl(progress_key) <= PROGRESS_SECONDS
+    assert await history.progress(KEY, "2-0") == JobProgress()  # another job of the thread
+    await history.forget_job(KEY, "1-0")
+    assert await redis_client.exists(progress_key) == 0
+
+
+async def test_a_dead_holders_thread_lock_frees_itself_within_one_lease(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix, lock_lease_seconds=2)
+    held = history.lock(KEY)
+    await held.__aenter__()
+    lock_key = f"{prefix}{{T9:C9:1700000000.000001}}:lock"
+    await asyncio.sleep(1.5)  # renewed meanwhile (every third of the lease)
+    assert 1000 < await redis_client.pttl(lock_key) <= 2000
+    for task in asyncio.all_tasks():  # the holder dies: nothing renews the lease any more
+        if task.get_coro().__qualname__.startswith("RedisHistory._renew"):  # type: ignore[union-attr]
+            task.cancel()
+    async with asyncio.timeout(3):
+        async with history.lock(KEY):
+            pass
+    await held.__aexit__(None, None, None)
 
 
 async def test_the_thread_lock_serialises_holders_and_is_released(
@@ -111,7 +145,8 @@ async def test_many_concurrent_commands_wait_for_a_connection_instead_of_failing
 ) -> None:
     async with open_redis(redis_url, tmp_path) as client:
         history = RedisHistory(client, counter, prefix=prefix)
-        claims = await asyncio.gather(*(history.claim("T9", f"C9:{i}") for i in range(500)))
-        assert all(claims)
+        threads = [ThreadKey("T9", "C9", str(i)) for i in range(500)]
+        await asyncio.gather(*(history.activate(thread) for thread in threads))
+        assert all([(await history.state(thread)).active for thread in threads])
         assert client.connection_pool.max_connections < 500
-        await client.delete(*[f"{prefix}event:T9:C9:{i}" for i in range(500)])
+        await client.delete(*[f"{prefix}{{T9:C9:{i}}}:meta" for i in range(500)])

@@ -20,7 +20,7 @@ from bot.domain import Persona, ThreadKey
 from bot.errors import ConfigError
 from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
-from bot.settings import Settings, load_settings
+from bot.settings import Serving, Settings, load_settings
 from bot.slack import parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
 
@@ -401,27 +401,28 @@ def test_load_settings_builds_settings_from_a_valid_environment(clean_env: pytes
 
 
 @pytest.mark.parametrize(
-    ("http", "required", "value", "other"),
+    ("serving", "required", "value", "other"),
     [
-        (True, "SLACK_SIGNING_SECRET", "secret-signing-value", "slack_app_token"),
-        (False, "SLACK_APP_TOKEN", "xapp-secret-app-token", "slack_signing_secret"),
+        ("http", "SLACK_SIGNING_SECRET", "secret-signing-value", "slack_app_token"),
+        ("socket", "SLACK_APP_TOKEN", "xapp-secret-app-token", "slack_signing_secret"),
+        ("worker", "REDIS_URL", "redis://127.0.0.1:6379/0", "slack_app_token"),
     ],
-    ids=["http-needs-signing-secret", "socket-mode-needs-app-token"],
+    ids=["http-needs-signing-secret", "socket-mode-needs-app-token", "a-worker-needs-a-shared-redis"],
 )
 def test_load_settings_requires_what_the_serving_mode_needs(
-    clean_env: pytest.MonkeyPatch, http: bool, required: str, value: str, other: str
+    clean_env: pytest.MonkeyPatch, serving: Serving, required: str, value: str, other: str
 ) -> None:
     _valid_env(clean_env)
     clean_env.delenv("SLACK_SIGNING_SECRET")
     clean_env.delenv("SLACK_APP_TOKEN")
 
     with pytest.raises(ConfigError) as raised:
-        load_settings(http=http, env_file=None)
+        load_settings(serving=serving, env_file=None)
 
     assert len(raised.value.problems) == 1
     assert raised.value.problems[0].startswith(required)
     clean_env.setenv(required, value)
-    assert getattr(load_settings(http=http, env_file=None), other) is None
+    assert getattr(load_settings(serving=serving, env_file=None), other) is None
 
 
 def test_settings_repr_hides_secrets(clean_env: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,214 @@
+"""The ingress: Slack's requests in, jobs out. The only module that imports ``slack_bolt``.
+
+A message event is parsed, checked (is it for the bot at all?), and queued as a job, deduplicated in
+the same step (``JobQueue.enqueue``), before Slack is acknowledged: Bolt runs with
+``process_before_response``, so the acknowledgement goes out only once the listener has returned. If
+Redis cannot take the job, the listener raises, Bolt answers 500, and the event is left
+unacknowledged (Socket Mode) or refused (HTTP): Slack delivers it again later. Nothing here posts to
+Slack, so an outage never produces a message. No Slack call precedes an acknowledgement: Bolt's
+authorisation is answered from the identity fetched at start-up.
+
+Slash commands, the persona editor and App Home are acknowledged at once and do their work right
+after (Bolt's lazy listeners), in this process: they answer the person who asked, within Slack's few
+seconds for opening a modal.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_bolt.authorization import AuthorizeResult
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, ModelList, PersonaCommands, UsageReport
+from bot.errors import HistoryError
+from bot.history import RedisHistory
+from bot.jobs import JobQueue
+from bot.llm import list_models
+from bot.observability import (
+    EVENTS_ACKED,
+    EVENTS_DUPLICATE,
+    EVENTS_RECEIVED,
+    EVENTS_REFUSED,
+    JOBS_QUEUED,
+    ReadinessCheck,
+    health_routes,
+)
+from bot.services import Services
+from bot.settings import secret_value
+from bot.slack import BotIdentity, check_app_token, parse_event
+
+log = logging.getLogger(__name__)
+
+
+class Ingress:
+    """Turns message events into jobs."""
+
+    def __init__(self, history: RedisHistory, queue: JobQueue, identity: BotIdentity) -> None:
+        self._history = history
+        self._queue = queue
+        self._identity = identity
+
+    async def accept(self, body: dict[str, Any], event: dict[str, Any]) -> None:
+        """Queue the event's message if it is for the bot; raises ``HistoryError`` when Redis cannot
+        take it, so that Slack is not acknowledged and delivers it again."""
+        EVENTS_RECEIVED.inc()
+        team = body.get("team_id") or self._identity.team_id
+        incoming = parse_event(event, team=team, bot_user_id=self._identity.user_id)
+        try:
+            if incoming is not None and (
+                incoming.addressed or (await self._history.state(incoming.key)).active
+            ):
+                if incoming.addressed:
+                    # Before queueing, so a follow-up sent right after it is taken up too.
+                    await self._history.activate(incoming.key)
+                if await self._queue.enqueue(incoming):
+                    JOBS_QUEUED.inc()
+                else:
+                    EVENTS_DUPLICATE.inc()
+        except HistoryError:
+            EVENTS_REFUSED.inc()
+            raise
+        EVENTS_ACKED.inc()
+
+
+def _drop_token_unused_warning(record: logging.LogRecord) -> bool:
+    # Bolt reads SLACK_BOT_TOKEN from the environment itself, then warns that the client we pass wins.
+    # That is the intent here (the client carries SLACK_API_URL), so the warning would only mislead.
+    return "`token` will be unused" not in record.getMessage()
+
+
+def bolt_app(services: Services) -> AsyncApp:
+    """The Bolt app: message events queued before their ack; commands, editor and App Home after it."""
+    settings = services.settings
+    slack = services.require_slack()
+    identity = slack.identity
+    bot_token = slack.web.token
+    logging.getLogger("slack_bolt.AsyncApp").addFilter(_drop_token_unused_warning)
+
+    async def authorize(**_: Any) -> AuthorizeResult:
+        # auth.test was called once at start-up; answering from it keeps Slack calls out of the ack path.
+        return AuthorizeResult(
+            enterprise_id=None,
+            team_id=identity.team_id,
+            bot_user_id=identity.user_id,
+            bot_id=identity.bot_id,
+            bot_token=bot_token,
+        )
+
+    app = AsyncApp(
+        client=AsyncWebClient(base_url=settings.slack_api_url),
+        authorize=authorize,
+        signing_secret=secret_value(settings.slack_signing_secret),
+        process_before_response=True,
+    )
+    ingress = Ingress(services.history, slack.queue, identity)
+    # A mention in a channel arrives twice (app_mention and message); it is queued once.
+    app.event("app_mention")(ingress.accept)
+    app.event("message")(ingress.accept)
+
+    async def on_error(error: Exception, body: dict[str, Any]) -> None:
+        if isinstance(error, HistoryError):
+            log.warning("a Slack request was not acknowledged, Slack will send it again: %s", error)
+        else:
+            log.error("a Slack request failed", exc_info=error)
+
+    app.error(on_error)
+    commands = PersonaCommands(
+        slack.web,
+        services.personas,
+        services.counter,
+        settings.persona_admin_ids,
+        ModelList(lambda: list_models(services.openai)),
+    )
+    _manage_personas(app, commands)
+    _report_usage(app, UsageReport(slack.web, services.usage, commands))
+    return app
+
+
+def _after_ack(what: str, work: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """A lazy listener: runs after the ack, and only logs what goes wrong (the user was answered)."""
+
+    async def lazily(body: dict[str, Any]) -> None:
+        try:
+            await work(body)
+        except Exception:
+            log.exception("%s failed", what)
+
+    return lazily
+
+
+async def _ack_now(ack: AsyncAck) -> None:
+    await ack()
+
+
+def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
+    """``/persona``, its editor and App Home: ack first, then work (no Slack call before an ack)."""
+
+    async def check_editor(ack: AsyncAck, body: dict[str, Any]) -> None:
+        errors = await commands.submit_editor(body)  # no Slack call: errors must travel in the ack
+        await (ack(**errors) if errors else ack())
+
+    async def save_editor(body: dict[str, Any]) -> None:
+        if await commands.submit_editor(body) is None:
+            await commands.save_editor(body)
+
+    async def publish_home(body: dict[str, Any]) -> None:
+        if body["event"].get("tab") == "home":
+            await commands.publish_home(body["team_id"], body["event"]["user"])
+
+    async def home_opened() -> None:
+        pass  # events are acknowledged by Bolt itself
+
+    app.command("/persona")(ack=_ack_now, lazy=[_after_ack("/persona", commands.command)])
+    app.view(EDITOR_CALLBACK)(ack=check_editor, lazy=[_after_ack("saving the persona editor", save_editor)])
+    app.action(EDIT_ACTION)(
+        ack=_ack_now, lazy=[_after_ack("opening the persona editor", commands.open_editor_from_home)]
+    )
+    app.event("app_home_opened")(ack=home_opened, lazy=[_after_ack("publishing App Home", publish_home)])
+
+
+def _report_usage(app: AsyncApp, report: UsageReport) -> None:
+    app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", report.command)])
+
+
+class SocketModeIngress:
+    """Receives Slack's requests over Socket Mode."""
+
+    def __init__(self, app: AsyncApp, app_token: str) -> None:
+        self._app = app
+        self._app_token = app_token
+        self._handler: AsyncSocketModeHandler | None = None
+
+    async def start(self) -> None:
+        # slack_sdk retries a refused app token forever; checking it once makes start-up fail clearly.
+        await check_app_token(self._app.client, self._app_token)
+        self._handler = AsyncSocketModeHandler(self._app, self._app_token)
+        await self._handler.connect_async()  # type: ignore[no-untyped-call]
+        log.info("connected to Slack in Socket Mode")
+
+    async def connected(self) -> bool:
+        return self._handler is not None and bool(await self._handler.client.is_connected())
+
+    async def close(self) -> None:
+        if self._handler is not None:
+            await self._handler.close_async()  # type: ignore[no-untyped-call]
+
+
+async def serve_http(
+    app: AsyncApp, checks: Mapping[str, ReadinessCheck], *, host: str, port: int
+) -> web.AppRunner:
+    """Serve the Events API at ``/slack/events`` (signatures verified by Bolt), with the health and
+    metrics endpoints beside it; the caller cleans the runner up."""
+    web_app = app.web_app(path="/slack/events", port=port)
+    health_routes(web_app, checks)
+    runner = web.AppRunner(web_app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("serving Slack events over HTTP on %s:%d/slack/events", host, port)
+    return runner

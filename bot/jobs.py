@@ -1,0 +1,243 @@
+"""The job queue: accepted Slack messages on a Redis Stream, read by workers in one consumer group.
+
+Keys (docs/architecture.md), all under the hash tag ``{T:jobs}`` of the bot's workspace so that a
+workspace's queue is one Redis Cluster slot and every script below stays legal there:
+
+- ``{prefix}{T:jobs}:queue``: the stream of jobs waiting or being answered (consumer group ``workers``);
+- ``{prefix}{T:jobs}:dead``: jobs that failed every attempt, with why, for an operator to look at;
+- ``{prefix}{T:jobs}:seen:{C}:{ts}``: one marker per Slack message for an hour, so a message Slack
+  delivers twice (retries, the ``app_mention`` and ``message`` twins, several ingress replicas) is
+  queued once.
+
+A job's life: ``enqueue`` checks the marker and adds the job in one script, and only then may the
+ingress acknowledge Slack. A worker takes it (``take``, delivery 1) and renews its lease while it works
+(``renew``: XCLAIM JUSTID resets the idle time, only while the job is still its own). When done it is
+acknowledged and deleted (``ack``). A job whose worker stopped renewing for a whole lease is
+``reclaim``-ed by any worker, its delivery count raised; a job delivered more than ``max_attempts``
+times goes to the dead-letter stream instead (``dead_letter``). Every Redis failure leaves this module as
+a ``HistoryError``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as redis
+from redis.exceptions import ResponseError
+
+from bot.domain import Incoming, Job, ThreadKey
+from bot.history import redis_errors
+
+GROUP = "workers"
+DEDUP_SECONDS = 3600
+DEAD_LETTERS_KEPT = 10_000
+
+# KEYS: the message's marker, the queue. ARGV: marker seconds, then the job's fields and values.
+# Nothing is written unless the job is queued: a failed XADD leaves no marker behind.
+_ENQUEUE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
+return id
+"""
+
+# KEYS: the queue. ARGV: group, consumer, minimum idle ms, count. Claims jobs idle for a whole lease and
+# returns {id, fields, deliveries} for each; an entry deleted while pending is just acknowledged.
+_RECLAIM = """
+local claimed = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], '0-0', 'COUNT', ARGV[4])
+local out = {}
+for _, entry in ipairs(claimed[2]) do
+  if entry[2] then
+    local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+    table.insert(out, {entry[1], entry[2], pending[1][4]})
+  else
+    redis.call('XACK', KEYS[1], ARGV[1], entry[1])
+  end
+end
+return out
+"""
+
+# KEYS: the queue. ARGV: group, consumer, ids. Resets the idle time of each job still owned by this
+# consumer; returns the ids it no longer owns (another worker reclaimed them).
+_RENEW = """
+local lost = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+  else
+    table.insert(lost, ARGV[i])
+  end
+end
+return lost
+"""
+
+
+def consumer_name() -> str:
+    """This process's name in the consumer group: host, pid and a random suffix (pids get reused)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _encode(incoming: Incoming) -> bytes:
+    key = incoming.key
+    return orjson.dumps(
+        {
+            "team": key.team,
+            "channel": key.channel,
+            "thread_ts": key.thread_ts,
+            "ts": incoming.ts,
+            "user": incoming.user_id,
+            "text": incoming.text,
+            "addressed": incoming.addressed,
+            "dm": incoming.is_dm,
+        }
+    )
+
+
+def _decode(job_id: str, fields: Any, attempt: int) -> Job:
+    # Scripts hand back a flat [field, value, ...] list, redis-py a dict.
+    values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
+    data = orjson.loads(values["job"])
+    incoming = Incoming(
+        key=ThreadKey(data["team"], data["channel"], data["thread_ts"]),
+        ts=data["ts"],
+        user_id=data["user"],
+        text=data["text"],
+        addressed=data["addressed"],
+        is_dm=data["dm"],
+    )
+    return Job(id=str(job_id), incoming=incoming, attempt=int(attempt), enqueued_at=float(values["at"]))
+
+
+class JobQueue:
+    """The bot workspace's job stream and its consumer group, seen from one process."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        prefix: str,
+        team: str,
+        lease_seconds: float,
+        max_attempts: int,
+        consumer: str | None = None,
+    ) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._team = team
+        self.lease_seconds = lease_seconds
+        self.max_attempts = max_attempts
+        self.consumer = consumer or consumer_name()
+        self.queue_key = self._key("queue")
+        self.dead_key = self._key("dead")
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._reclaim = client.register_script(_RECLAIM)
+        self._renew = client.register_script(_RENEW)
+
+    def _key(self, part: str) -> str:
+        return f"{self._prefix}{{{self._team}:jobs}}:{part}"
+
+    async def enqueue(self, incoming: Incoming) -> str | None:
+        """Queue a job for ``incoming``: its id, or None when the message was queued before."""
+        marker = self._key(f"seen:{incoming.key.team}:{incoming.dedup_key}")
+        with redis_errors("queueing a job"):
+            job_id = await self._enqueue(
+                keys=[marker, self.queue_key],
+                args=[DEDUP_SECONDS, "job", _encode(incoming), "at", repr(time.time())],
+            )
+        return str(job_id) if job_id else None
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (and the stream) if missing; jobs queued before it are kept."""
+        with redis_errors("creating the workers' consumer group"):
+            try:
+                await self._redis.xgroup_create(self.queue_key, GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def take(self, count: int, block_ms: int) -> list[Job]:
+        """Up to ``count`` new jobs, waiting up to ``block_ms`` for the first."""
+        with redis_errors("reading jobs"):
+            try:
+                response: Any = await self._redis.xreadgroup(
+                    GROUP, self.consumer, {self.queue_key: ">"}, count=count, block=block_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # Redis lost the group (restarted without persistence)
+                return []
+        return [_decode(job_id, fields, 1) for _, entries in response or [] for job_id, fields in entries]
+
+    async def reclaim(self, count: int) -> list[Job]:
+        """Up to ``count`` jobs whose worker went silent for a whole lease, now this consumer's."""
+        idle_ms = int(self.lease_seconds * 1000)
+        with redis_errors("reclaiming jobs"):
+            try:
+                claimed = await self._reclaim(
+                    keys=[self.queue_key], args=[GROUP, self.consumer, idle_ms, count]
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # Redis lost the group (restarted without persistence)
+                return []
+        return [_decode(job_id, fields, deliveries) for job_id, fields, deliveries in claimed]
+
+    async def renew(self, job_ids: Iterable[str]) -> set[str]:
+        """Extend this consumer's lease on ``job_ids``; the ids it lost to another worker."""
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with redis_errors("renewing job leases"):
+            lost = await self._renew(keys=[self.queue_key], args=[GROUP, self.consumer, *ids])
+        return {str(job_id) for job_id in lost}
+
+    async def ack(self, job: Job) -> None:
+        """The job is done: off the consumer's list and out of the stream."""
+        with redis_errors("acknowledging a job"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xack(self.queue_key, GROUP, job.id)
+                pipe.xdel(self.queue_key, job.id)
+                await pipe.execute()
+
+    async def dead_letter(self, job: Job, reason: str) -> None:
+        """Move a job that failed every attempt to the dead-letter stream, in one step."""
+        fields = {
+            "job": _encode(job.incoming),
+            "at": repr(job.enqueued_at),
+            "id": job.id,
+            "attempts": job.attempt - 1,
+            "reason": reason,
+        }
+        with redis_errors("dead-lettering a job"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.dead_key, fields, maxlen=DEAD_LETTERS_KEPT, approximate=True)  # type: ignore[arg-type]
+                pipe.xack(self.queue_key, GROUP, job.id)
+                pipe.xdel(self.queue_key, job.id)
+                await pipe.execute()
+
+    async def depth(self) -> tuple[int, int]:
+        """(jobs in the stream, of which being worked on): waiting = the first minus the second."""
+        with redis_errors("measuring the queue"):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xlen(self.queue_key)
+                pipe.xpending(self.queue_key, GROUP)
+                try:
+                    length, pending = await pipe.execute()
+                except ResponseError:  # no group yet: nothing is being worked on
+                    return int(await self._redis.xlen(self.queue_key)), 0
+        return int(length), int(pending["pending"])
+
+    async def dead_letters(self, count: int = 100) -> Sequence[Job]:
+        """The newest dead-lettered jobs (for operators and tests)."""
+        with redis_errors("reading dead letters"):
+            entries: Any = await self._redis.xrevrange(self.dead_key, count=count)
+        return [_decode(str(fields["id"]), fields, int(fields["attempts"])) for _, fields in entries]

@@ -1,0 +1,198 @@
+"""The bootstrap: every core service, built from ``Settings`` in one place, with no Bolt in it.
+
+``open_services`` connects Redis (or starts the embedded server), loads the tokenizer offline, and
+builds the thread history, personas, usage and budgets, the model client, and, when the process talks
+to Slack, the Web API client, the bot's identity, the Slack adapter and the job queue. Every entry point
+uses it: the ingress (Socket Mode or HTTP), the worker, the terminal chat; ``check`` and ``models`` use
+the same builders one by one, so that each problem is reported on its own line. Entry points stay thin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as redis
+from openai import AsyncOpenAI
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.conversation import Responder
+from bot.domain import ChatModel, Persona, SlackPort
+from bot.history import RedisHistory, open_redis
+from bot.jobs import JobQueue
+from bot.llm import OpenAIChat, make_client
+from bot.personas import FilePersonas, PersonaStore
+from bot.settings import Settings, secret_value
+from bot.slack import BotIdentity, SlackAdapter, fetch_identity, web_client
+from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
+from bot.usage import Budgets, RedisUsage, load_prices
+
+log = logging.getLogger(__name__)
+
+
+def model_client(settings: Settings, max_retries: int | None = None) -> AsyncOpenAI:
+    """The model endpoint's client, as configured (Azure OpenAI when its endpoint is set)."""
+    return make_client(
+        api_key=secret_value(settings.azure_openai_api_key or settings.openai_api_key),
+        base_url=settings.openai_base_url,
+        organization=settings.openai_org_id,
+        project=settings.openai_project_id,
+        timeout_seconds=settings.openai_timeout_seconds,
+        max_retries=settings.openai_max_retries if max_retries is None else max_retries,
+        azure_endpoint=settings.azure_openai_endpoint,
+        api_version=settings.openai_api_version,
+    )
+
+
+def model_defaults(settings: Settings) -> Persona:
+    """The Chat Completions parameters the settings give every reply (a persona's own win)."""
+    return Persona(
+        name="settings",
+        system_prompt=settings.system_prompt,
+        model=settings.openai_model,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        max_tokens=settings.max_reply_tokens,
+        presence_penalty=settings.presence_penalty,
+        frequency_penalty=settings.frequency_penalty,
+        stop=tuple(settings.stop) if settings.stop else None,
+        logit_bias=settings.logit_bias,
+        seed=settings.seed,
+        reasoning_effort=settings.reasoning_effort,
+        service_tier=settings.service_tier,
+    )
+
+
+def budgets(settings: Settings) -> Budgets:
+    return Budgets(
+        workspace_tokens=settings.budget_workspace_tokens,
+        channel_tokens=settings.budget_channel_tokens,
+        user_tokens=settings.budget_user_tokens,
+        workspace_usd=settings.budget_workspace_usd,
+        channel_usd=settings.budget_channel_usd,
+        user_usd=settings.budget_user_usd,
+    )
+
+
+def slack_client(settings: Settings, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
+    return web_client(secret_value(settings.slack_bot_token), settings.slack_api_url, session)
+
+
+async def token_counter(settings: Settings) -> TiktokenCounter:
+    """The tokenizer for the configured model, loaded offline (off the event loop: it reads files)."""
+    encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
+    return TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
+
+
+@dataclass
+class SlackServices:
+    """What a process that talks to Slack has besides the core."""
+
+    web: AsyncWebClient
+    identity: BotIdentity
+    adapter: SlackAdapter
+    queue: JobQueue
+
+
+@dataclass
+class Services:
+    """The core services of one process."""
+
+    settings: Settings
+    redis: redis.Redis
+    redis_url: str  # REDIS_URL, or where the embedded server listens
+    counter: TiktokenCounter
+    history: RedisHistory
+    personas: PersonaStore
+    usage: RedisUsage
+    openai: AsyncOpenAI
+    model: OpenAIChat
+    slack: SlackServices | None
+
+    def responder(self, slack: SlackPort, model: ChatModel | None = None) -> Responder:
+        """The pipeline, writing to ``slack`` (Slack itself, or the terminal)."""
+        return Responder(
+            history=self.history,
+            model=model or self.model,
+            slack=slack,
+            personas=self.personas,
+            counter=self.counter,
+            max_prompt_tokens=self.settings.max_prompt_tokens,
+            usage=self.usage,
+        )
+
+    def require_slack(self) -> SlackServices:
+        if self.slack is None:
+            raise RuntimeError("these services were opened without Slack")
+        return self.slack
+
+
+@asynccontextmanager
+async def open_services(settings: Settings, *, slack: bool = True) -> AsyncIterator[Services]:
+    """Every core service, connected and checked; ``slack=False`` for the terminal chat (no tokens)."""
+    counter = await token_counter(settings)
+    files = FilePersonas.load(settings.system_prompt, settings.personas_file)
+    prices = load_prices(settings.prices_file)
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(open_redis(settings.redis_url, settings.data_dir))
+        openai_client = model_client(settings)
+        stack.push_async_callback(openai_client.close)
+        history = RedisHistory(
+            client,
+            counter,
+            prefix=settings.redis_prefix,
+            ttl_seconds=settings.history_ttl_seconds,
+            max_turns=settings.history_max_messages,
+            lock_lease_seconds=settings.job_lease_seconds,
+        )
+        services = Services(
+            settings=settings,
+            redis=client,
+            redis_url=settings.redis_url or f"unix://{client.connection_pool.connection_kwargs['path']}",
+            counter=counter,
+            history=history,
+            personas=PersonaStore(
+                client, files, prefix=settings.redis_prefix, thread_ttl_seconds=settings.history_ttl_seconds
+            ),
+            usage=RedisUsage(client, prefix=settings.redis_prefix, prices=prices, budgets=budgets(settings)),
+            openai=openai_client,
+            model=OpenAIChat(
+                openai_client,
+                defaults=model_defaults(settings),
+                max_tokens_param=settings.max_tokens_param,
+                user_id_param=settings.user_id_param if settings.send_user_id else None,
+                user_id_key=settings.user_id_key,
+            ),
+            slack=None,
+        )
+        if slack:
+            # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            web = slack_client(settings, session)
+            identity = await fetch_identity(web)
+            adapter = SlackAdapter(
+                web,
+                history,
+                bot_user_id=identity.user_id,
+                bot_id=identity.bot_id,
+                stream_mode=settings.stream_mode,
+            )
+            queue = JobQueue(
+                client,
+                prefix=settings.redis_prefix,
+                team=identity.team_id,
+                lease_seconds=settings.job_lease_seconds,
+                max_attempts=settings.job_max_attempts,
+            )
+            services.slack = SlackServices(web, identity, adapter, queue)
+            log.info(
+                "connected: team %s, bot user %s, encoding %s",
+                identity.team_id,
+                identity.user_id,
+                counter.encoding_name,
+            )
+        yield services

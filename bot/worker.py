@@ -1,0 +1,178 @@
+"""The worker: takes jobs from the queue and answers them; any number of them share one Redis.
+
+A worker runs up to ``WORKER_CONCURRENCY`` jobs at once. New jobs come from the consumer group; every
+quarter lease it also reclaims jobs whose worker went silent for a whole lease (it died, or froze).
+While a job runs, one loop renews the leases of all of this worker's jobs; a job whose lease another
+worker took meanwhile is cancelled here, so two workers never write the same answer.
+
+This module is the worker's last-resort handler. A job that raises (Redis unreachable, Slack failing
+after its retries, a bug) is logged with its traceback and left unacknowledged: its lease runs out and
+it is tried again, by any worker, from where it stopped. Users are told nothing of a failed attempt;
+a job that fails every attempt is moved to the dead letters and its thread gets one fixed apology.
+Stopping, a worker takes no new jobs and lets the running ones finish for a grace period; jobs still
+running after it are dropped unacknowledged, for another worker to take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bot.conversation import Responder
+from bot.domain import Job
+from bot.errors import BotError, HistoryError
+from bot.history import RedisHistory
+from bot.jobs import JobQueue
+from bot.observability import (
+    JOBS_DEAD_LETTERED,
+    JOBS_DONE,
+    JOBS_FAILED,
+    JOBS_IN_FLIGHT,
+    JOBS_RECLAIMED,
+    QUEUE_WAIT,
+    REPLY_DURATION,
+    job_context,
+)
+
+log = logging.getLogger(__name__)
+
+APOLOGY = "Sorry, I couldn't answer this, even after several tries. Please ask again in a little while."
+SHUTDOWN_GRACE_SECONDS = 30.0
+READ_BLOCK_MS = 500  # how long one read waits for new jobs; also how soon a stop is noticed
+MAX_BACKOFF_SECONDS = 5.0
+
+
+class Worker:
+    """Answers jobs from one queue with one responder."""
+
+    def __init__(
+        self, queue: JobQueue, responder: Responder, history: RedisHistory, *, concurrency: int
+    ) -> None:
+        self._queue = queue
+        self._responder = responder
+        self._history = history
+        self._concurrency = concurrency
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._last_read = float("-inf")
+
+    def consuming(self) -> bool:
+        """True while the worker reads the queue (for readiness)."""
+        return time.monotonic() - self._last_read < max(10.0, self._queue.lease_seconds)
+
+    async def run(self, stop: asyncio.Event, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Answer jobs until ``stop`` is set, then let running ones finish for ``grace_seconds``."""
+        renewal = asyncio.create_task(self._renew_leases())
+        try:
+            await self._consume(stop)
+        finally:
+            if self._running:
+                await asyncio.wait(set(self._running.values()), timeout=grace_seconds)
+            for task in list(self._running.values()):
+                task.cancel()  # unacknowledged: another worker takes it over after one lease
+            renewal.cancel()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        stopping = asyncio.create_task(stop.wait())
+        next_reclaim = 0.0
+        delay = 0.1
+        group_ready = False
+        try:
+            while not stop.is_set():
+                free = self._concurrency - len(self._running)
+                if free <= 0:
+                    await asyncio.wait({stopping, *self._running.values()}, return_when="FIRST_COMPLETED")
+                    continue
+                try:
+                    jobs: list[Job] = []
+                    if not group_ready:
+                        await self._queue.ensure_group()
+                        group_ready = True
+                    if time.monotonic() >= next_reclaim:
+                        jobs = await self._queue.reclaim(free)
+                        JOBS_RECLAIMED.inc(len(jobs))
+                        next_reclaim = time.monotonic() + self._queue.lease_seconds / 4
+                    if not jobs:
+                        jobs = await self._queue.take(free, READ_BLOCK_MS)
+                    self._last_read = time.monotonic()
+                    delay = 0.1
+                except HistoryError as exc:
+                    log.warning("cannot read jobs (%s); trying again in %.1f s", exc, delay)
+                    await asyncio.wait({stopping}, timeout=delay)
+                    delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                    continue
+                for job in jobs:
+                    self._start(job)
+        finally:
+            stopping.cancel()
+
+    def _start(self, job: Job) -> None:
+        if job.id in self._running:
+            return  # reclaimed from this very worker while it still works on it
+        work = self._give_up(job) if job.attempt > self._queue.max_attempts else self._work(job)
+        task = asyncio.create_task(work)
+        self._running[job.id] = task
+        task.add_done_callback(lambda _: self._running.pop(job.id, None))
+
+    async def _work(self, job: Job) -> None:
+        key = job.incoming.key
+        with job_context(f"{key.team}:{key.channel}:{key.thread_ts}", job.id):
+            started = time.monotonic()
+            waited = max(0.0, time.time() - job.enqueued_at)
+            QUEUE_WAIT.observe(waited)
+            log.info("job started: attempt %d, %.1f ms in the queue", job.attempt, waited * 1000)
+            JOBS_IN_FLIGHT.inc()
+            try:
+                await self._responder.respond(job)
+            except BotError as exc:
+                JOBS_FAILED.inc()
+                log.warning("job attempt %d failed, to be tried again: %s", job.attempt, exc)
+                return
+            except Exception:
+                JOBS_FAILED.inc()
+                log.exception("job attempt %d failed unexpectedly, to be tried again", job.attempt)
+                return
+            finally:
+                JOBS_IN_FLIGHT.dec()
+            await self._finish(job)
+            REPLY_DURATION.observe(time.monotonic() - started)
+            log.info("job done in %.1f ms", (time.monotonic() - started) * 1000)
+
+    async def _finish(self, job: Job) -> None:
+        try:
+            await self._queue.ack(job)
+            JOBS_DONE.inc()
+            await self._history.forget_job(job.incoming.key, job.id)
+        except HistoryError as exc:
+            # Retried later, the job finds itself answered and is only acknowledged.
+            log.warning("could not acknowledge a finished job: %s", exc)
+
+    async def _give_up(self, job: Job) -> None:
+        key = job.incoming.key
+        with job_context(f"{key.team}:{key.channel}:{key.thread_ts}", job.id):
+            try:
+                await self._queue.dead_letter(job, f"failed {job.attempt - 1} attempts")
+            except HistoryError as exc:
+                log.warning("could not dead-letter a job, to be tried again: %s", exc)
+                return
+            JOBS_DEAD_LETTERED.inc()
+            log.error("job failed %d attempts; moved to the dead letters", job.attempt - 1)
+            try:
+                await self._responder.apologise(job, APOLOGY)
+                await self._history.forget_job(key, job.id)
+            except Exception as exc:  # Slack or Redis may be what keeps failing; the log is all there is
+                log.warning("could not apologise in the thread: %s", type(exc).__name__)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self._queue.lease_seconds / 3)
+            try:
+                lost = await self._queue.renew(list(self._running))
+            except HistoryError as exc:
+                log.warning("could not renew job leases: %s", exc)
+                continue
+            for job_id in lost:
+                task = self._running.get(job_id)
+                if task is not None:
+                    log.warning("job %s was taken over by another worker; stopping here", job_id)
+                    task.cancel()

