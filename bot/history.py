@@ -25,6 +25,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import LockError, RedisError
 
 from bot.domain import JobProgress, ThreadKey, ThreadState, TokenCounter, Turn
@@ -44,6 +46,7 @@ LOCK_POLL_SECONDS = 0.01
 # to it, so the pool is sized for hundreds of replies in flight (Redis serves ten thousand clients).
 MAX_CONNECTIONS = 256
 POOL_WAIT_SECONDS = 30.0
+RECONNECT_TRIES = 3
 
 
 @contextlib.contextmanager
@@ -291,8 +294,14 @@ async def open_redis(url: str | None, data_dir: Path) -> AsyncIterator[redis.Red
         log.info("REDIS_URL is unset: started an embedded Redis server, data in %s", data_dir / "redis.db")
         url = f"unix://{embedded.socket_file}"
     # Under load, waiting briefly for a free connection beats failing: the default pool raises at its cap.
+    # A connection Redis closed (it restarted, a failover) is opened again and the command retried, a few
+    # times over a fraction of a second; past that, Redis is down and the caller hears of it.
     pool = redis.BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_SECONDS, decode_responses=True
+        url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
+        decode_responses=True,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=RECONNECT_TRIES),
     )
     client = redis.Redis.from_pool(pool)
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from bot.domain import ChatMessage, Persona, StreamEnd, Usage
 from bot.errors import ModelError, ModelErrorKind
+from bot.observability import FIRST_TOKEN, MODEL_ERRORS
 
 
 def make_client(
@@ -99,6 +101,17 @@ def error_kind(exc: openai.OpenAIError) -> ModelErrorKind:
     return "unknown"
 
 
+def _counted(exc: Exception) -> ModelError:
+    """The ``ModelError`` a failed stream is, counted by kind for ``/metrics``."""
+    if isinstance(exc, openai.OpenAIError):
+        kind = error_kind(exc)
+    else:
+        # A stream cut or stalled mid-way surfaces from the HTTP library underneath, unwrapped.
+        kind = "timeout" if "Timeout" in type(exc).__name__ else "unavailable"
+    MODEL_ERRORS.labels(kind).inc()
+    return ModelError(kind, f"{type(exc).__name__}: {exc}")
+
+
 # Parameters sent exactly when the persona or the settings set them (the persona wins).
 OPTIONAL_PARAMETERS = (
     "temperature",
@@ -168,6 +181,7 @@ class OpenAIChat:
         finish_reason: str | None = None
         usage: Usage | None = None
         model = ""
+        started, first_token = time.monotonic(), True
         try:
             # The typed create() re-walks the whole message list on every call (several ms for a long
             # thread); the client's own post() sends the body we built, with the same retries and errors.
@@ -187,13 +201,12 @@ class OpenAIChat:
                         usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens, reasoning)
                     for choice in chunk.choices:
                         if choice.delta.content:
+                            if first_token:
+                                FIRST_TOKEN.observe(time.monotonic() - started)
+                                first_token = False
                             yield choice.delta.content
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
-        except openai.OpenAIError as exc:
-            raise ModelError(error_kind(exc), f"{type(exc).__name__}: {exc}") from exc
         except Exception as exc:
-            # A stream cut or stalled mid-way surfaces from the HTTP library underneath, unwrapped.
-            kind: ModelErrorKind = "timeout" if "Timeout" in type(exc).__name__ else "unavailable"
-            raise ModelError(kind, f"{type(exc).__name__}: {exc}") from exc
+            raise _counted(exc) from exc
         yield StreamEnd(finish_reason=finish_reason, usage=usage, model=model or self.model_for(persona))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -95,6 +96,7 @@ def configure_logging(level: str, fmt: str) -> None:
 
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+READINESS_TIMEOUT_SECONDS = 2.0  # a check that takes longer (Redis retrying a lost connection) fails
 
 
 def health_routes(app: web.Application, checks: Mapping[str, ReadinessCheck]) -> None:
@@ -107,7 +109,8 @@ def health_routes(app: web.Application, checks: Mapping[str, ReadinessCheck]) ->
         results = {}
         for name, check in checks.items():
             try:
-                results[name] = await check()
+                async with asyncio.timeout(READINESS_TIMEOUT_SECONDS):
+                    results[name] = await check()
             except Exception as exc:  # a readiness check reports, it never fails the probe itself
                 log.debug("readiness check %s failed: %s", name, type(exc).__name__)
                 results[name] = False

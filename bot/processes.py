@@ -87,11 +87,11 @@ async def run(
             stack.push_async_callback(runner.cleanup)
         else:
             socket = SocketModeIngress(app, secret_value(settings.slack_app_token))
+            checks["slack"] = socket.connected
+            if metrics_port is not None:  # alive (and saying it is not ready) while it connects
+                stack.push_async_callback((await serve_health(checks, host=host, port=metrics_port)).cleanup)
             await socket.start()
             stack.push_async_callback(socket.close)
-            checks["slack"] = socket.connected
-            if metrics_port is not None:
-                stack.push_async_callback((await serve_health(checks, host=host, port=metrics_port)).cleanup)
         log.info("ready")
         await stop.wait()
         await stack.aclose()  # the ingress stops taking requests first ...

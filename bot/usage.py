@@ -25,6 +25,7 @@ import yaml
 from bot.domain import BudgetCheck, ThreadKey, Usage
 from bot.errors import ConfigError
 from bot.history import redis_errors
+from bot.observability import BUDGET_REFUSALS, TOKENS
 
 # USD per million input and output tokens; PRICES_FILE adds to or overrides these.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -172,6 +173,7 @@ class RedisUsage:
         with redis_errors("checking budgets"):
             denied, kind, warned = await self._reserve(keys=[self.key(key.team, month_of(now))], args=args)
         if denied:
+            BUDGET_REFUSALS.inc()
             scope = SCOPE_NAMES[str(denied).split(":")[0]]
             return BudgetCheck(
                 False,
@@ -189,6 +191,8 @@ class RedisUsage:
         self, key: ThreadKey, user: str, model: str, usage: Usage, trimmed: int, check: BudgetCheck
     ) -> None:
         """Record a reply's usage and release its reservation."""
+        TOKENS.labels("prompt").inc(usage.prompt_tokens)
+        TOKENS.labels("completion").inc(usage.completion_tokens)
         now = datetime.datetime.now(datetime.UTC)
         figures = {
             "prompt": usage.prompt_tokens,

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 APOLOGY = "Sorry, I couldn't answer this, even after several tries. Please ask again in a little while."
 SHUTDOWN_GRACE_SECONDS = 30.0
-READ_BLOCK_MS = 500  # how long one read waits for new jobs; also how soon a stop is noticed
+READ_BLOCK_MS = 250  # how long one read waits for new jobs; also how soon a stop is noticed
 MAX_BACKOFF_SECONDS = 5.0
 
 
@@ -54,6 +54,7 @@ class Worker:
         self._history = history
         self._concurrency = concurrency
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._finishing: set[str] = set()  # running jobs that are acknowledged or being dead-lettered
         self._last_read = float("-inf")
 
     def consuming(self) -> bool:
@@ -112,7 +113,12 @@ class Worker:
         work = self._give_up(job) if job.attempt > self._queue.max_attempts else self._work(job)
         task = asyncio.create_task(work)
         self._running[job.id] = task
-        task.add_done_callback(lambda _: self._running.pop(job.id, None))
+
+        def forget(_: asyncio.Task[None]) -> None:
+            self._running.pop(job.id, None)
+            self._finishing.discard(job.id)
+
+        task.add_done_callback(forget)
 
     async def _work(self, job: Job) -> None:
         key = job.incoming.key
@@ -139,6 +145,7 @@ class Worker:
             log.info("job done in %.1f ms", (time.monotonic() - started) * 1000)
 
     async def _finish(self, job: Job) -> None:
+        self._finishing.add(job.id)
         try:
             await self._queue.ack(job)
             JOBS_DONE.inc()
@@ -148,6 +155,7 @@ class Worker:
             log.warning("could not acknowledge a finished job: %s", exc)
 
     async def _give_up(self, job: Job) -> None:
+        self._finishing.add(job.id)
         key = job.incoming.key
         with job_context(f"{key.team}:{key.channel}:{key.thread_ts}", job.id):
             try:
@@ -167,11 +175,11 @@ class Worker:
         while True:
             await asyncio.sleep(self._queue.lease_seconds / 3)
             try:
-                lost = await self._queue.renew(list(self._running))
+                lost = await self._queue.renew([i for i in self._running if i not in self._finishing])
             except HistoryError as exc:
                 log.warning("could not renew job leases: %s", exc)
                 continue
-            for job_id in lost:
+            for job_id in lost - self._finishing:  # (one may have finished while the renewal ran)
                 task = self._running.get(job_id)
                 if task is not None:
                     log.warning("job %s was taken over by another worker; stopping here", job_id)

