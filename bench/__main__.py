@@ -3,26 +3,29 @@
 A full run writes ``bench/results.json`` and ``bench/RESULTS.md`` (with the machine it ran on); a quick
 run (under a minute, what CI does) writes ``bench/results-quick.json`` and fails if any scenario
 produced no figures. Redis is the machine's when ``REDIS_URL`` is set, else an embedded one.
+``--before REV`` also runs that git revision of the bot in the jobs scenario, side by side.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import redis.asyncio as redis
 
-from bench import context, live
+from bench import context, jobs, live
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 
@@ -34,6 +37,7 @@ SCENARIOS = [
     "3. conversations in flight",
     "4. streaming",
     "5. storage",
+    "6. jobs",
 ]
 
 
@@ -87,7 +91,21 @@ def report(result: dict[str, Any]) -> str:
     )
 
 
-async def main(quick: bool) -> int:
+@contextlib.contextmanager
+def checkout(rev: str | None) -> Iterator[Path | None]:
+    """A temporary checkout of ``rev`` (to run the bot as it was), or None."""
+    if rev is None:
+        yield None
+        return
+    path = Path(tempfile.mkdtemp(prefix="sgb-bench-before-")) / "checkout"
+    subprocess.run(["git", "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(path)], check=True, capture_output=True)
+
+
+async def main(quick: bool, before: Path | None = None) -> int:
     url = os.environ.get("REDIS_URL")
     embedded = None
     if not url:
@@ -104,6 +122,8 @@ async def main(quick: bool) -> int:
         lambda: live.throughput(url, prefix, quick=quick),
         lambda: live.streaming(url, prefix, quick=quick),
         lambda: live.first_mention(url, prefix, quick=quick),
+        lambda: jobs.queue_hop(url, prefix, quick=quick),
+        lambda: jobs.scaling(url, prefix, counter, quick=quick, before=before),
     ]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -142,8 +162,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run under a minute (what CI does)")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from results.json")
+    parser.add_argument("--before", metavar="REV", help="also run this git revision of the bot, to compare")
     args = parser.parse_args()
     if args.report:
         (HERE / "RESULTS.md").write_text(report(json.loads((HERE / "results.json").read_text())))
         sys.exit(0)
-    sys.exit(asyncio.run(main(args.quick)))
+    with checkout(args.before) as before:
+        sys.exit(asyncio.run(main(args.quick, before)))

@@ -14,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,13 @@ def percentile(samples: list[float], q: float) -> float:
 
 
 class LiveBot:
-    """The fakes, and the bot running as a separate process against them."""
+    """The fakes, and the bot running as a separate process against them: ``python -m bot run`` with
+    ``args`` after it, from this checkout or from ``source`` (another checkout, to compare)."""
 
-    def __init__(self, redis_url: str, prefix: str, **env: str) -> None:
-        self.redis_url, self.prefix, self.env = redis_url, prefix, env
+    def __init__(
+        self, redis_url: str, prefix: str, *args: str, source: Path | None = None, **env: str
+    ) -> None:
+        self.redis_url, self.prefix, self.args, self.source, self.env = redis_url, prefix, args, source, env
         self.slack, self.model = FakeSlack(), FakeModel()
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix="sgb-bench-")) / "bot.log"
@@ -58,9 +62,19 @@ class LiveBot:
             DATA_DIR=str(self.log_path.parent),
             **self.env,
         )
+        if self.source is not None:
+            env["PYTHONPATH"] = str(self.source)
         with self.log_path.open("wb") as log:
             self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bot", "run", env=env, stdout=log, stderr=log
+                sys.executable,
+                "-m",
+                "bot",
+                "run",
+                *self.args,
+                env=env,
+                stdout=log,
+                stderr=log,
+                cwd=self.source,
             )
         process = self.process
         await self.slack.wait_for(
@@ -77,6 +91,17 @@ class LiveBot:
             await self.process.wait()
         await self.model.close()
         await self.slack.close()
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time used so far by the bot's process and by the worker processes it started."""
+        assert self.process is not None
+
+        def used(pid: int) -> float:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return used(self.process.pid), sum(used(int(pid)) for pid in children)
 
     def peak_rss_mb(self) -> float:
         assert self.process is not None
@@ -154,6 +179,46 @@ def _overhead_row(kind: str, concurrency: int, samples: list[float], goal_applie
     }
 
 
+class Conversations:
+    """Conversations in progress against a ``LiveBot``: each sends its next message when its reply is
+    done, and the time from the message leaving Slack to its reply's last write is taken."""
+
+    def __init__(self, bot: LiveBot) -> None:
+        self.bot = bot
+        self.finished: dict[str, asyncio.Event] = {}
+        self.finish_at: dict[str, float] = {}
+        bot.slack.call_listeners.append(self._on_call)
+
+    def _on_call(self, call: Any) -> None:
+        channel = call.args.get("channel")
+        if call.method == "chat.stopStream" and channel in self.finished:
+            self.finish_at[channel] = call.at
+            self.finished[channel].set()
+
+    async def one_reply(self, channel: str, thread_ts: str, model_seconds: float) -> float:
+        """The overhead of one reply: event to last write, minus the model's own time."""
+        self.finished[channel] = asyncio.Event()
+        _, at = await self.bot.send(channel, "and then?", thread_ts=thread_ts, mention=False)
+        await asyncio.wait_for(self.finished[channel].wait(), 60)
+        return self.finish_at[channel] - at - model_seconds
+
+    async def steady(
+        self, counter: TiktokenCounter, name: str, concurrency: int, turns: int, model_seconds: float
+    ) -> list[float]:
+        """``concurrency`` conversations ten turns deep, each ``turns`` more replies, starts staggered over
+        one model time as real conversations are (after one warm-up reply each)."""
+        channels = [f"{name}{concurrency}x{i}" for i in range(concurrency)]
+        threads = await self.bot.seed_threads(counter, channels, depth=10)
+        await asyncio.gather(*(self.one_reply(c, threads[c], model_seconds) for c in channels))
+
+        async def conversation(channel: str) -> list[float]:
+            await asyncio.sleep(random.random() * model_seconds)
+            return [await self.one_reply(channel, threads[channel], model_seconds) for _ in range(turns)]
+
+        results = await asyncio.gather(*(conversation(c) for c in channels))
+        return [sample for result in results for sample in result]
+
+
 async def overhead(
     redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: bool
 ) -> list[dict[str, Any]]:
@@ -167,38 +232,14 @@ async def overhead(
     """
     rows = []
     async with LiveBot(redis_url, prefix + "o:") as bot:
-        finished: dict[str, asyncio.Event] = {}
-        finish_at: dict[str, float] = {}
-
-        def on_call(call: Any) -> None:
-            channel = call.args.get("channel")
-            if call.method == "chat.stopStream" and channel in finished:
-                finish_at[channel] = call.at
-                finished[channel].set()
-
-        bot.slack.call_listeners.append(on_call)
-
-        async def one_reply(channel: str, thread_ts: str, model_seconds: float) -> float:
-            finished[channel] = asyncio.Event()
-            _, at = await bot.send(channel, "and then?", thread_ts=thread_ts, mention=False)
-            await asyncio.wait_for(finished[channel].wait(), 60)
-            return finish_at[channel] - at - model_seconds
-
-        async def conversation(channel: str, thread_ts: str, turns: int, model_seconds: float) -> list[float]:
-            await asyncio.sleep(random.random() * model_seconds)
-            return [await one_reply(channel, thread_ts, model_seconds) for _ in range(turns)]
-
+        conversations = Conversations(bot)
         steady = 1.0
         bot.model.default_reply = Reply(
             text=answer(random.Random(5)), chunk_size=40, first_token_delay=steady
         )
         for concurrency in [1, 10] if quick else [1, 10, 100]:
-            channels = [f"CS{concurrency}x{i}" for i in range(concurrency)]
-            threads = await bot.seed_threads(counter, channels, depth=10)
-            await asyncio.gather(*(one_reply(c, threads[c], steady) for c in channels))  # warm up
             turns = 3 if quick else {1: 60, 10: 20, 100: 6}[concurrency]
-            results = await asyncio.gather(*(conversation(c, threads[c], turns, steady) for c in channels))
-            samples = [s for result in results for s in result]
+            samples = await conversations.steady(counter, "CS", concurrency, turns, steady)
             rows.append(_overhead_row("steady, 1 s model", concurrency, samples, concurrency == 100))
 
         burst = 0.05
@@ -208,11 +249,43 @@ async def overhead(
             threads = await bot.seed_threads(counter, channels, depth=10)
             samples = []
             for round_number in range(rounds + 1):
-                results = await asyncio.gather(*(one_reply(c, threads[c], burst) for c in channels))
+                results = await asyncio.gather(
+                    *(conversations.one_reply(c, threads[c], burst) for c in channels)
+                )
                 if round_number:  # round 0 warms up
                     samples += results
             rows.append(_overhead_row("all at once, 50 ms model", concurrency, samples, False))
     return rows
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Replies per second, and the CPU each part spent per reply meanwhile (ms)."""
+
+    replies_per_s: float
+    cpu_ms_bot: float  # the process Slack talks to (with its worker, unless it started worker processes)
+    cpu_ms_workers: float  # the worker processes it started
+    cpu_ms_bench: float  # the fake Slack and fake model
+
+
+async def replies_per_second(bot: LiveBot, count: int) -> Throughput:
+    """Replies per second for ``count`` mentions at once, with an instant model (after a warm-up)."""
+    bot.model.default_reply = Reply(text="Short answer.", chunk_size=20)
+    done = len(bot.slack.calls_to("chat.stopStream"))
+    await asyncio.gather(*(bot.send(f"CW{i}", "warm up") for i in range(10)))
+    await bot.replies(done + 10, 30)
+    started, (bot_cpu, workers_cpu), bench_cpu = time.monotonic(), bot.cpu_seconds(), time.process_time()
+    await asyncio.gather(*(bot.send(f"CT{i}", "quick question") for i in range(count)))
+    await bot.replies(done + 10 + count, 180)
+    elapsed = max(c.at for c in bot.slack.calls_to("chat.stopStream")) - started
+    bot_after, workers_after = bot.cpu_seconds()
+    per_reply = 1000 / count
+    return Throughput(
+        count / elapsed,
+        round((bot_after - bot_cpu) * per_reply, 2),
+        round((workers_after - workers_cpu) * per_reply, 2),
+        round((time.process_time() - bench_cpu) * per_reply, 2),
+    )
 
 
 async def throughput(redis_url: str, prefix: str, *, quick: bool) -> list[dict[str, Any]]:
@@ -220,14 +293,7 @@ async def throughput(redis_url: str, prefix: str, *, quick: bool) -> list[dict[s
     rows = []
     count = 100 if quick else 1000
     async with LiveBot(redis_url, prefix + "t:") as bot:
-        bot.model.default_reply = Reply(text="Short answer.", chunk_size=20)
-        await asyncio.gather(*(bot.send(f"CW{i}", "warm up") for i in range(10)))
-        await bot.replies(10, 30)
-        started = time.monotonic()
-        await asyncio.gather(*(bot.send(f"CT{i}", "quick question") for i in range(count)))
-        await bot.replies(10 + count, 120)
-        elapsed = max(c.at for c in bot.slack.calls_to("chat.stopStream")) - started
-        rate = count / elapsed
+        rate = (await replies_per_second(bot, count)).replies_per_s
         rows.append(
             {
                 "scenario": "3. throughput",

@@ -1,6 +1,8 @@
 """``slack-gpt-bot chat``: a conversation in the terminal through the same pipeline as Slack.
 
-History lives in Redis under the workspace id ``local`` (one thread per session), trimmed the same way;
+It opens the same services as the bot (so the history cap, personas, usage and budgets apply alike) and
+runs the pipeline directly, without the job queue. History lives in Redis under the workspace id
+``local`` (one thread per session), trimmed the same way;
 the persona is the one named with ``--persona``, else the one of ``--channel``, else the default; the
 answer streams to the terminal and each is followed by its usage. It needs no Slack tokens, which makes
 it the way to try a persona before installing the app.

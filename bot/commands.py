@@ -1,6 +1,6 @@
 """Personas managed from Slack: the ``/persona`` command, the editor modal and the App Home tab.
 
-Every entry point acknowledges Slack first (``app.py`` acks before calling in) and answers after:
+Every entry point acknowledges Slack first (``ingress.py`` acks before calling in) and answers after:
 ephemeral replies go through ``chat.postEphemeral``, a change is announced in the channel in one line.
 Only these commands and the modal change stored configuration; nothing said in a conversation does.
 

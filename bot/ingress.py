@@ -45,6 +45,8 @@ from bot.slack import BotIdentity, check_app_token, parse_event
 
 log = logging.getLogger(__name__)
 
+EVENTS_PATH = "/slack/events"  # where HTTP mode serves the Events API, commands and interactivity
+
 
 class Ingress:
     """Turns message events into jobs."""
@@ -205,10 +207,10 @@ async def serve_http(
 ) -> web.AppRunner:
     """Serve the Events API at ``/slack/events`` (signatures verified by Bolt), with the health and
     metrics endpoints beside it; the caller cleans the runner up."""
-    web_app = app.web_app(path="/slack/events", port=port)
+    web_app = app.web_app(path=EVENTS_PATH, port=port)
     health_routes(web_app, checks)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
-    log.info("serving Slack events over HTTP on %s:%d/slack/events", host, port)
+    log.info("serving Slack events over HTTP on %s:%d%s", host, port, EVENTS_PATH)
     return runner

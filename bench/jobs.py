@@ -1,0 +1,104 @@
+"""Scenario 6, jobs and workers: the queue hop, and replies/s and overhead with 1 and 2 worker processes.
+
+Every configuration runs in the same bench run, side by side, against the same fakes and Redis: the bot
+before the job queue (``--before REV``: a checkout of an earlier commit, when given), the bot now in one
+process (ingress and worker), and the ingress with 1 and with 2 worker processes (``run --workers N``).
+The queue hop is read from the worker's own log: each job's "ms in the queue", from the ingress queueing
+it (just before its ack) to a worker starting on it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from bench.corpus import answer
+from bench.live import Conversations, LiveBot, percentile, replies_per_second
+from bot.tokens import TiktokenCounter
+from tests.fake_model import Reply
+
+_QUEUED = re.compile(r"job started: attempt 1, ([\d.]+) ms in the queue")
+
+
+def queue_waits(log: str) -> list[float]:
+    """Each job's time in the queue (seconds), from a bot's JSON log."""
+    waits = []
+    for line in log.splitlines():
+        if line.startswith("{") and (match := _QUEUED.search(json.loads(line).get("message", ""))):
+            waits.append(float(match.group(1)) / 1000)
+    return waits
+
+
+async def queue_hop(redis_url: str, prefix: str, *, quick: bool) -> list[dict[str, Any]]:
+    """Mentions one after the other (an instant model), each in a worker process: queued -> started."""
+    count, warm_up = (20, 5) if quick else (200, 5)
+    async with LiveBot(redis_url, prefix + "h:", "--workers", "1", LOG_FORMAT="json") as bot:
+        bot.model.default_reply = Reply(text="Short answer.", chunk_size=20)
+        for i in range(warm_up + count):  # the first ones wait for the worker process to start
+            await bot.send(f"CH{i}", "one at a time")
+            await bot.replies(i + 1, 30)
+        waits = queue_waits(bot.log_path.read_text())[warm_up:]
+    p50 = percentile(waits, 0.5)
+    return [
+        {
+            "scenario": "6. jobs",
+            "case": "queue hop: queued (before the ack) -> a worker process starts on it",
+            "samples": len(waits),
+            "p50_ms": round(p50 * 1000, 2),
+            "p99_ms": round(percentile(waits, 0.99) * 1000, 2),
+            "goal": "p50 <= 2 ms",
+            "met": p50 <= 0.002,
+        }
+    ]
+
+
+async def scaling(
+    redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: bool, before: Path | None
+) -> list[dict[str, Any]]:
+    """Replies/s (instant model) and steady overhead at 100 threads (1 s model), per configuration."""
+    configs: list[tuple[str, tuple[str, ...], Path | None]] = []
+    if before is not None:
+        configs.append(("before the job queue, one process", (), before))
+    configs += [
+        ("one process (ingress and worker)", (), None),
+        ("ingress + 1 worker process", ("--workers", "1"), None),
+        ("ingress + 2 worker processes", ("--workers", "2"), None),
+    ]
+    count, concurrency, turns = (100, 5, 1) if quick else (1000, 100, 6)
+    rows, rates = [], {}
+    for number, (name, args, source) in enumerate(configs):
+        async with LiveBot(redis_url, f"{prefix}s{number}:", *args, source=source) as bot:
+            throughput = await replies_per_second(bot, count)
+            bot.model.default_reply = Reply(
+                text=answer(random.Random(5)), chunk_size=40, first_token_delay=1.0
+            )
+            samples = await Conversations(bot).steady(counter, "CS", concurrency, turns, 1.0)
+        rates[args] = throughput.replies_per_s
+        rows.append(
+            {
+                "scenario": "6. jobs",
+                "case": name,
+                "replies_per_s": round(throughput.replies_per_s, 1),
+                "cpu_ms_per_reply_bot": throughput.cpu_ms_bot,
+                "cpu_ms_per_reply_workers": throughput.cpu_ms_workers,
+                "cpu_ms_per_reply_fakes": throughput.cpu_ms_bench,
+                f"overhead_p50_ms_at_{concurrency}": round(percentile(samples, 0.5) * 1000, 2),
+                f"overhead_p99_ms_at_{concurrency}": round(percentile(samples, 0.99) * 1000, 2),
+                "goal": "reported",
+                "met": None,
+            }
+        )
+    ratio = rates[("--workers", "2")] / rates[("--workers", "1")]
+    rows.append(
+        {
+            "scenario": "6. jobs",
+            "case": "2 worker processes over 1, replies/s",
+            "ratio": round(ratio, 2),
+            "goal": ">= 1.7x",
+            "met": ratio >= 1.7 if not quick else None,
+        }
+    )
+    return rows
