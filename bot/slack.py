@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import html
 import logging
@@ -340,17 +341,20 @@ class SlackReplyStream:
         await self._log.record(self._part, self._ts)
 
     async def _rewrite(self, ts: str, state: str) -> bool:
-        """Make an earlier attempt's message this one; False when it is gone."""
+        """Make an earlier attempt's message this one; False when it is gone or Slack refuses to edit it
+        (then it is deleted, if Slack lets it, so that the thread does not show it beside the new one)."""
         try:
             await self._client.chat_update(
                 channel=self._channel, ts=ts, markdown_text=self._text, metadata=self._metadata(state)
             )
-        except SlackApiError as exc:
-            if exc.response.get("error") in ("message_not_found", "cant_update_message"):
-                return False
-            raise _slack_error("chat_update", exc) from exc
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _slack_error("chat_update", exc) from exc
+        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+            if _transient(exc):
+                raise _slack_error("chat_update", exc) from exc
+            error = _slack_error("chat_update", exc).error
+            log.info("could not rewrite an earlier attempt's message (%s); replacing it", error)
+            with contextlib.suppress(TimeoutError, SlackApiError, aiohttp.ClientError):
+                await self._client.chat_delete(channel=self._channel, ts=ts)
+            return False
         self._ts, self._streaming = ts, False
         return True
 

@@ -175,8 +175,8 @@ class FakeSlack:
 
     def fail_http(self, method: str, status: int, *, times: int = 1, after_processing: bool = False) -> None:
         """Answer the next ``times`` calls of ``method`` with HTTP ``status`` (429 comes with
-        ``Retry-After: 0``); ``after_processing``: do what the call asks first, as a server that fails
-        while answering would."""
+        ``Retry-After: 0``; 0 drops the connection instead of answering); ``after_processing``: do what
+        the call asks first, as a server that fails while answering would."""
         self._http_failures.setdefault(method, deque()).extend([(status, after_processing)] * times)
 
     def bot_messages(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
@@ -379,7 +379,7 @@ class FakeSlack:
         failures = self._http_failures.get(method)
         status, after_processing = failures.popleft() if failures else (200, False)
         if status != 200 and not after_processing:
-            return self._http_failure(status)
+            return self._http_failure(request, status)
         try:
             if method in self.fail:
                 raise SlackError(self.fail[method])
@@ -387,14 +387,16 @@ class FakeSlack:
                 raise SlackError("unknown_method")
             answer = handler(args)
             if status != 200:
-                return self._http_failure(status)
+                return self._http_failure(request, status)
             scopes = {"x-oauth-scopes": ",".join(self.scopes)}
             return web.json_response({"ok": True, **answer}, headers=scopes)
         except SlackError as e:
             return web.json_response({"ok": False, "error": str(e)})
 
     @staticmethod
-    def _http_failure(status: int) -> web.Response:
+    def _http_failure(request: web.Request, status: int) -> web.Response:
+        if status == 0 and request.transport is not None:
+            request.transport.close()  # the client sees the connection drop, with no answer
         headers = {"Retry-After": "0"} if status == 429 else {}
         error = "ratelimited" if status == 429 else "internal_error"
         return web.json_response({"ok": False, "error": error}, status=status, headers=headers)

@@ -136,10 +136,11 @@ async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_tw
         "off",
     ],
 )
-async def test_a_slack_500_on_the_first_write_still_gives_exactly_one_complete_reply(
-    harness: Harness, mode: str, method: str, after_processing: bool
+@pytest.mark.parametrize("status", [500, 0], ids=["http-500", "connection-dropped"])
+async def test_a_slack_failure_on_the_first_write_still_gives_exactly_one_complete_reply(
+    harness: Harness, mode: str, method: str, after_processing: bool, status: int
 ) -> None:
-    harness.slack.fail_http(method, 500, after_processing=after_processing)
+    harness.slack.fail_http(method, status, after_processing=after_processing)
     harness.model.script(Reply(chunks=["The whole ", "answer."], chunk_delay=0.05))
     async with harness.running(stream_mode=mode):
         ts = await harness.say("hello")
@@ -196,6 +197,7 @@ async def test_two_worker_processes_answer_every_job_exactly_once(harness: Harne
     done = [[line for line in w.log().splitlines() if '"job done' in line] for w in workers]
     assert len(done[0]) + len(done[1]) == 20 and done[0] and done[1]  # both took part
     assert all(json.loads(line)["thread_key"].startswith(f"{TEAM_ID}:C") for line in done[0] + done[1])
+    assert not any("HTTP Request" in w.log() for w in workers)  # the model client's INFO lines stay quiet
 
 
 async def test_a_follow_up_sent_while_the_first_answer_streams_is_answered_after_it(

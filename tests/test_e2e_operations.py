@@ -32,6 +32,7 @@ async def test_probes_and_metrics_follow_the_bot(harness: Harness, tmp_path: Pat
             ready = await until_ready(port)
             assert ready["checks"] == {"redis": True, "worker": True, "slack": True}
             before = await scrape(port)
+            harness.slack.fail_http("chat.startStream", 500)  # tried again, after looking for it
             ts = await harness.say("hi")
             await harness.say(f"<@{BOT_USER_ID}> hi", ts=ts, mention=False, event_type="message")  # its twin
             await harness.replies_done(1)
@@ -58,6 +59,7 @@ async def test_probes_and_metrics_follow_the_bot(harness: Harness, tmp_path: Pat
     assert moved("sgb_reply_duration_seconds_count") == 2
     assert moved("sgb_time_to_first_token_seconds_count") == 1
     assert moved("sgb_model_errors_total", kind="unavailable") == 1
+    assert moved("sgb_slack_api_errors_total", method="chat.startStream") == 1
     assert moved("sgb_tokens_total", kind="prompt") == 40
     assert moved("sgb_tokens_total", kind="completion") == 2
     assert value(after, "sgb_jobs_in_flight") == 0
