@@ -67,11 +67,22 @@ async def run(
     """The ingress, with a worker in this process (``workers`` None) or ``workers`` worker processes
     (given ``environ``, this process's environment), until ``stop`` is set."""
     settings = services.settings
-    async with AsyncExitStack() as stack:
+    checks: dict[str, ReadinessCheck] = {"redis": _redis_reachable(services)}
+    background: list[asyncio.Task[None]] = []
+    worker_stop = asyncio.Event()
+    async with AsyncExitStack() as ingress:
         app = bolt_app(services)
-        checks: dict[str, ReadinessCheck] = {"redis": _redis_reachable(services)}
-        background: list[asyncio.Task[None]] = []
-        worker_stop = asyncio.Event()
+        if http:
+            ingress.push_async_callback((await serve_http(app, checks, host=host, port=port)).cleanup)
+        else:
+            socket = SocketModeIngress(app, secret_value(settings.slack_app_token))
+            checks["slack"] = socket.connected
+            if metrics_port is not None:  # alive (and saying it is not ready) while it connects
+                ingress.push_async_callback(
+                    (await serve_health(checks, host=host, port=metrics_port)).cleanup
+                )
+            await socket.start()
+            ingress.push_async_callback(socket.close)
         if workers is None:
             worker = _worker(services)
             checks["worker"] = _as_check(worker.consuming)
@@ -82,21 +93,13 @@ async def run(
             supervisor = Supervisor(workers, env=env, metrics_port=metrics_port)
             checks["workers"] = _as_check(supervisor.all_running)
             background.append(asyncio.create_task(supervisor.run(worker_stop)))
-        if http:
-            runner = await serve_http(app, checks, host=host, port=port)
-            stack.push_async_callback(runner.cleanup)
-        else:
-            socket = SocketModeIngress(app, secret_value(settings.slack_app_token))
-            checks["slack"] = socket.connected
-            if metrics_port is not None:  # alive (and saying it is not ready) while it connects
-                stack.push_async_callback((await serve_health(checks, host=host, port=metrics_port)).cleanup)
-            await socket.start()
-            stack.push_async_callback(socket.close)
         log.info("ready")
-        await stop.wait()
-        await stack.aclose()  # the ingress stops taking requests first ...
-        worker_stop.set()  # ... then workers finish what they are doing
-        await asyncio.gather(*background)
+        try:
+            await stop.wait()
+        finally:
+            await ingress.aclose()  # the ingress stops taking requests first ...
+            worker_stop.set()  # ... then workers finish what they are doing
+            await asyncio.gather(*background)
 
 
 async def run_worker(services: Services, *, host: str, metrics_port: int | None, stop: asyncio.Event) -> None:
@@ -105,7 +108,8 @@ async def run_worker(services: Services, *, host: str, metrics_port: int | None,
         worker = _worker(services)
         if metrics_port is not None:
             checks = {"redis": _redis_reachable(services), "worker": _as_check(worker.consuming)}
-            stack.push_async_callback((await serve_health(checks, host=host, port=metrics_port)).cleanup)
+            health = await serve_health(checks, host=host, port=metrics_port)
+            stack.push_async_callback(health.cleanup)
         log.info("worker ready")
         await worker.run(stop)
 

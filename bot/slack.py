@@ -197,6 +197,10 @@ CREATE_ATTEMPTS = 4  # tries of a call that posts a new message, when Slack is f
 CREATE_BACKOFF_SECONDS = 0.25
 
 
+# How a Web API call fails: Slack says no (``ok: false``, or an HTTP error status), or cannot be reached.
+_FAILURES = (TimeoutError, SlackApiError, aiohttp.ClientError)
+
+
 def _transient(exc: BaseException) -> bool:
     """Slack failed or could not be reached, so the call may or may not have taken effect."""
     if isinstance(exc, SlackApiError):
@@ -263,7 +267,7 @@ class SlackReplyStream:
             await self._client.assistant_threads_setStatus(
                 channel_id=self._channel, thread_ts=self._thread_ts, status=THINKING_STATUS
             )
-        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        except _FAILURES as exc:
             # Only assistant threads accept a status; elsewhere Slack says no and the answer just starts.
             log.debug("no thinking status here: %s", type(exc).__name__)
 
@@ -298,8 +302,8 @@ class SlackReplyStream:
         for ts in self._log.parts[self._part + 1 :]:
             try:
                 await self._client.chat_delete(channel=self._channel, ts=ts)
-            except SlackApiError as exc:
-                log.info("could not delete a leftover message: %s", exc.response.get("error"))
+            except _FAILURES as exc:
+                log.info("could not delete a leftover message: %s", _slack_error("chat_delete", exc).error)
 
     def _next_message(self, text: str) -> None:
         self._part += 1
@@ -347,12 +351,12 @@ class SlackReplyStream:
             await self._client.chat_update(
                 channel=self._channel, ts=ts, markdown_text=self._text, metadata=self._metadata(state)
             )
-        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        except _FAILURES as exc:
             if _transient(exc):
                 raise _slack_error("chat_update", exc) from exc
             error = _slack_error("chat_update", exc).error
             log.info("could not rewrite an earlier attempt's message (%s); replacing it", error)
-            with contextlib.suppress(TimeoutError, SlackApiError, aiohttp.ClientError):
+            with contextlib.suppress(*_FAILURES):
                 await self._client.chat_delete(channel=self._channel, ts=ts)
             return False
         self._ts, self._streaming = ts, False
@@ -387,23 +391,23 @@ class SlackReplyStream:
         """Create a message, retrying when Slack fails or cannot be reached, but never creating it twice:
         before each retry, look for the message the failed call may have created after all. A refusal
         (``ok: false``) is raised as ``SlackApiError`` for the caller to handle."""
-        for attempt in range(1, CREATE_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 response = await getattr(self._client, method)(
                     channel=self._channel, metadata=self._metadata(state), **args
                 )
                 return str(response["ts"])
-            except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+            except _FAILURES as exc:
                 if not _transient(exc):
                     raise
                 if attempt == CREATE_ATTEMPTS:
                     raise _slack_error(method, exc) from exc
                 log.info("%s failed (%s); retrying", method, type(exc).__name__)
             await asyncio.sleep(CREATE_BACKOFF_SECONDS * 2 ** (attempt - 1))
-            found = await self._find_part()
-            if found is not None:
+            if (found := await self._find_part()) is not None:
                 return found
-        raise AssertionError("unreachable")
+            attempt += 1
 
     async def _find_part(self) -> str | None:
         """The ts of the message this job wrote in the current place, found by its metadata."""
@@ -425,7 +429,7 @@ class SlackReplyStream:
                 cursor = (page.get("response_metadata") or {}).get("next_cursor")
                 if not page.get("has_more") or not cursor:
                     return None
-        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        except _FAILURES as exc:
             raise _slack_error("conversations_replies", exc) from exc
 
     async def _complete_message(self, state: str) -> None:
@@ -451,7 +455,7 @@ class SlackReplyStream:
         """A native streaming call; if the stream broke server-side, show the full text with chat.update."""
         try:
             await getattr(self._client, method)(channel=self._channel, ts=self._ts, **args)
-        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        except _FAILURES as exc:
             log.info("%s failed (%s); switching to chat.update", method, type(exc).__name__)
             self._streaming = False
             self._mode = "update"
@@ -460,7 +464,7 @@ class SlackReplyStream:
     async def _call(self, method: str, **args: Any) -> Any:
         try:
             return await getattr(self._client, method)(channel=self._channel, **args)
-        except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+        except _FAILURES as exc:
             raise _slack_error(method, exc) from exc
 
 
@@ -490,8 +494,8 @@ class SlackAdapter:
             return cached
         try:
             response = await self._client.users_info(user=user_id)
-        except SlackApiError as exc:
-            log.info("users.info failed for a user: %s", exc.response.get("error"))
+        except _FAILURES as exc:
+            log.info("users.info failed for a user: %s", _slack_error("users_info", exc).error)
             return user_id
         user = response["user"]
         profile = user.get("profile") or {}
@@ -521,7 +525,7 @@ class SlackAdapter:
                 page = await self._client.conversations_replies(
                     channel=key.channel, ts=key.thread_ts, limit=200, cursor=cursor, include_all_metadata=True
                 )
-            except SlackApiError as exc:
+            except _FAILURES as exc:
                 raise _slack_error("conversations_replies", exc) from exc
             raws += [r for r in page.get("messages") or [] if r.get("subtype") in _READABLE_SUBTYPES]
             cursor = (page.get("response_metadata") or {}).get("next_cursor")
@@ -627,7 +631,7 @@ class _CountingWebClient(AsyncWebClient):
     async def api_call(self, api_method: str, **kwargs: Any) -> AsyncSlackResponse:
         try:
             return await super().api_call(api_method, **kwargs)
-        except (TimeoutError, SlackApiError, aiohttp.ClientError):
+        except _FAILURES:
             SLACK_ERRORS.labels(api_method).inc()
             raise
 
@@ -651,8 +655,8 @@ async def check_app_token(client: AsyncWebClient, app_token: str) -> None:
     """Raise ``SlackError`` unless Slack accepts ``app_token`` for Socket Mode."""
     try:
         await client.apps_connections_open(app_token=app_token)
-    except SlackApiError as exc:
-        raise SlackError("apps.connections.open", str(exc.response.get("error"))) from exc
+    except _FAILURES as exc:
+        raise _slack_error("apps_connections_open", exc) from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -669,7 +673,7 @@ async def fetch_identity(client: AsyncWebClient) -> BotIdentity:
     """The bot's own ids and its granted scopes (``auth.test``)."""
     try:
         response = await client.auth_test()
-    except (TimeoutError, SlackApiError, aiohttp.ClientError) as exc:
+    except _FAILURES as exc:
         raise _slack_error("auth_test", exc) from exc
     scopes = str(response.headers.get("x-oauth-scopes", ""))
     return BotIdentity(
