@@ -35,6 +35,7 @@ EVENTS_REFUSED = Counter(
 )
 JOBS_QUEUED = Counter("sgb_jobs_queued", "Jobs put on the queue")
 JOBS_IN_FLIGHT = Gauge("sgb_jobs_in_flight", "Jobs this process is working on")
+JOBS_WAITING = Gauge("sgb_jobs_waiting", "Jobs in the queue that no worker has taken yet (seen by a worker)")
 JOBS_DONE = Counter("sgb_jobs_done", "Jobs finished and acknowledged")
 JOBS_FAILED = Counter("sgb_jobs_failed", "Job attempts that failed and will be tried again")
 JOBS_RECLAIMED = Counter("sgb_jobs_reclaimed", "Jobs taken over from a worker that went silent")

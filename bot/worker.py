@@ -30,6 +30,7 @@ from bot.observability import (
     JOBS_FAILED,
     JOBS_IN_FLIGHT,
     JOBS_RECLAIMED,
+    JOBS_WAITING,
     QUEUE_WAIT,
     REPLY_DURATION,
     job_context,
@@ -92,6 +93,8 @@ class Worker:
                     if time.monotonic() >= next_reclaim:
                         jobs = await self._queue.reclaim(free)
                         JOBS_RECLAIMED.inc(len(jobs))
+                        queued, taken = await self._queue.depth()
+                        JOBS_WAITING.set(queued - taken)
                         next_reclaim = time.monotonic() + self._queue.lease_seconds / 4
                     if not jobs:
                         jobs = await self._queue.take(free, READ_BLOCK_MS)

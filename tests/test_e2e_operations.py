@@ -62,7 +62,7 @@ async def test_probes_and_metrics_follow_the_bot(harness: Harness, tmp_path: Pat
     assert moved("sgb_slack_api_errors_total", method="chat.startStream") == 1
     assert moved("sgb_tokens_total", kind="prompt") == 40
     assert moved("sgb_tokens_total", kind="completion") == 2
-    assert value(after, "sgb_jobs_in_flight") == 0
+    assert value(after, "sgb_jobs_in_flight") == value(after, "sgb_jobs_waiting") == 0
 
 
 async def test_a_burst_far_larger_than_the_pool_is_answered_in_full(
