@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as redis
 
+from bot.domain import Incoming, Job, ThreadKey
 from tests.conftest import Harness
 from tests.fake_model import Reply
 from tests.fake_slack import BOT_ID, BOT_USER_ID, TEAM_ID
@@ -246,3 +247,42 @@ async def test_reading_a_thread_back_keeps_only_the_bots_finished_answers(harnes
         "bob: any news?",
         "alice: summarize",
     ]
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "written-but-not-recorded"])
+async def test_a_retried_job_rewrites_the_messages_of_the_attempt_before_it(
+    harness: Harness, recorded: bool
+) -> None:
+    """What a worker that died left in the thread (two messages of a long answer, or one it wrote but
+    did not live to record) becomes the one complete answer of the job's next attempt."""
+
+    def metadata(part: int) -> dict[str, Any]:
+        return {"event_type": "sgb_reply", "event_payload": {"job": "7-0", "part": part, "state": "writing"}}
+
+    question = harness.slack.next_ts()
+    harness.slack.add_message("C1", ts=question, user="U1", text=f"<@{BOT_USER_ID}> explain")
+    earlier = [harness.slack.next_ts() for _ in range(2 if recorded else 1)]
+    for part, ts in enumerate(earlier):
+        harness.slack.add_message(
+            "C1",
+            ts=ts,
+            user=BOT_USER_ID,
+            bot_id=BOT_ID,
+            text=f"half {part}",
+            thread_ts=question,
+            metadata=metadata(part),
+        )
+    harness.model.script(Reply(text="The short, complete answer."))
+    async with harness.running(workers=0) as services:
+        slack = services.require_slack()
+        key = ThreadKey(TEAM_ID, "C1", question)
+        if recorded:
+            for part, ts in enumerate(earlier):
+                await services.history.record_part(key, "7-0", part, ts)
+        incoming = Incoming(key, question, "U1", f"<@{BOT_USER_ID}> explain", addressed=True, is_dm=False)
+        await services.responder(slack.adapter).respond(Job("7-0", incoming, attempt=2))
+    messages = harness.slack.bot_messages("C1", question)
+    assert [(m["ts"], m["text"], state(m)) for m in messages] == [
+        (earlier[0], "The short, complete answer.", "done")
+    ]
+    assert not harness.slack.calls_to("chat.postMessage") and not harness.slack.calls_to("chat.startStream")
