@@ -144,7 +144,10 @@ class Responder:
         check, spent = BudgetCheck(True), None
         try:
             async with self.history.lock(incoming.key):
-                progress = await self.history.progress(incoming.key, job.id)
+                # A first delivery has no attempt before it: nothing to read.
+                progress = (
+                    await self.history.progress(incoming.key, job.id) if job.attempt > 1 else JobProgress()
+                )
                 if progress.answered:
                     return  # an earlier attempt answered; only its acknowledgement was lost
                 reply = self.slack.reply_stream(incoming, self._reply_log(job, progress))

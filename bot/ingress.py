@@ -15,6 +15,7 @@ seconds for opening a modal.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -66,10 +67,10 @@ class Ingress:
             if incoming is not None and (
                 incoming.addressed or (await self._history.state(incoming.key)).active
             ):
-                if incoming.addressed:
-                    # Before queueing, so a follow-up sent right after it is taken up too.
-                    await self._history.activate(incoming.key)
-                if await self._queue.enqueue(incoming):
+                # Taking part from now on, so that a follow-up sent right after it is taken up too.
+                activated = self._history.activate(incoming.key) if incoming.addressed else asyncio.sleep(0)
+                _, job_id = await asyncio.gather(activated, self._queue.enqueue(incoming))
+                if job_id:
                     JOBS_QUEUED.inc()
                 else:
                     EVENTS_DUPLICATE.inc()
