@@ -85,6 +85,7 @@ async def scaling(
                 "cpu_ms_per_reply_bot": throughput.cpu_ms_bot,
                 "cpu_ms_per_reply_workers": throughput.cpu_ms_workers,
                 "cpu_ms_per_reply_fakes": throughput.cpu_ms_bench,
+                "cpu_ms_per_reply_redis": throughput.cpu_ms_redis,
                 f"overhead_p50_ms_at_{concurrency}": round(percentile(samples, 0.5) * 1000, 2),
                 f"overhead_p99_ms_at_{concurrency}": round(percentile(samples, 0.99) * 1000, 2),
                 "goal": "reported",

@@ -103,6 +103,15 @@ class LiveBot:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
         return used(self.process.pid), sum(used(int(pid)) for pid in children)
 
+    async def redis_cpu_seconds(self) -> float:
+        """CPU time the Redis server has used so far (``INFO cpu``)."""
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            info = await client.info("cpu")
+        finally:
+            await client.aclose()
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
     def peak_rss_mb(self) -> float:
         assert self.process is not None
         status = Path(f"/proc/{self.process.pid}/status").read_text()
@@ -266,6 +275,7 @@ class Throughput:
     cpu_ms_bot: float  # the process Slack talks to (with its worker, unless it started worker processes)
     cpu_ms_workers: float  # the worker processes it started
     cpu_ms_bench: float  # the fake Slack and fake model
+    cpu_ms_redis: float
 
 
 async def replies_per_second(bot: LiveBot, count: int) -> Throughput:
@@ -274,17 +284,20 @@ async def replies_per_second(bot: LiveBot, count: int) -> Throughput:
     done = len(bot.slack.calls_to("chat.stopStream"))
     await asyncio.gather(*(bot.send(f"CW{i}", "warm up") for i in range(10)))
     await bot.replies(done + 10, 30)
+    redis_cpu = await bot.redis_cpu_seconds()
     started, (bot_cpu, workers_cpu), bench_cpu = time.monotonic(), bot.cpu_seconds(), time.process_time()
     await asyncio.gather(*(bot.send(f"CT{i}", "quick question") for i in range(count)))
     await bot.replies(done + 10 + count, 180)
     elapsed = max(c.at for c in bot.slack.calls_to("chat.stopStream")) - started
     bot_after, workers_after = bot.cpu_seconds()
+    bench_after, redis_after = time.process_time(), await bot.redis_cpu_seconds()
     per_reply = 1000 / count
     return Throughput(
         count / elapsed,
         round((bot_after - bot_cpu) * per_reply, 2),
         round((workers_after - workers_cpu) * per_reply, 2),
-        round((time.process_time() - bench_cpu) * per_reply, 2),
+        round((bench_after - bench_cpu) * per_reply, 2),
+        round((redis_after - redis_cpu) * per_reply, 2),
     )
 
 
