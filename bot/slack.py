@@ -30,10 +30,7 @@ import aiohttp
 from markdown_it import MarkdownIt
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-)
+from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
 from slack_sdk.http_retry.request import HttpRequest
 from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
@@ -595,8 +592,8 @@ def _method_of(request: HttpRequest) -> str:
     return request.url.rstrip("/").rsplit("/", 1)[-1]
 
 
-class _ServerErrorRetry(AsyncRetryHandler):
-    """Retries a call that is safe to repeat when Slack answers with a 5xx."""
+class _SafeRetry(AsyncRetryHandler):
+    """Retries a call that is safe to repeat when Slack answers with a 5xx or cannot be reached."""
 
     async def _can_retry_async(
         self,
@@ -606,23 +603,11 @@ class _ServerErrorRetry(AsyncRetryHandler):
         response: HttpResponse | None = None,
         error: Exception | None = None,
     ) -> bool:
-        return response is not None and response.status_code >= 500 and _method_of(request) not in CREATES
-
-
-class _ConnectionErrorRetry(AsyncConnectionErrorRetryHandler):
-    """Retries a call that is safe to repeat when the connection to Slack fails."""
-
-    async def _can_retry_async(
-        self,
-        *,
-        state: RetryState,
-        request: HttpRequest,
-        response: HttpResponse | None = None,
-        error: Exception | None = None,
-    ) -> bool:
-        return _method_of(request) not in CREATES and await super()._can_retry_async(
-            state=state, request=request, response=response, error=error
-        )
+        if _method_of(request) in CREATES:
+            return False
+        if response is not None:
+            return response.status_code >= 500
+        return isinstance(error, TimeoutError | aiohttp.ClientConnectionError)
 
 
 class _CountingWebClient(AsyncWebClient):
@@ -645,8 +630,7 @@ def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None 
         session=session,
         retry_handlers=[
             AsyncRateLimitErrorRetryHandler(max_retry_count=WRITE_RETRIES),
-            _ServerErrorRetry(max_retry_count=WRITE_RETRIES),
-            _ConnectionErrorRetry(max_retry_count=WRITE_RETRIES),
+            _SafeRetry(max_retry_count=WRITE_RETRIES),
         ],
     )
 

@@ -152,8 +152,9 @@ async def test_a_slack_failure_on_the_first_write_still_gives_exactly_one_comple
     assert creates == (1 if after_processing else 2)  # found by its metadata instead of posted again
 
 
-async def test_slack_rate_limits_on_edits_are_waited_out(harness: Harness) -> None:
-    harness.slack.fail_http("chat.update", 429, times=2)
+@pytest.mark.parametrize("status", [429, 500, 0], ids=["rate-limited", "http-500", "connection-dropped"])
+async def test_edits_that_slack_refuses_for_a_while_are_tried_again(harness: Harness, status: int) -> None:
+    harness.slack.fail_http("chat.update", status, times=2)
     harness.model.script(Reply(text="Patience pays."))
     async with harness.running(stream_mode="update"):
         ts = await harness.say("hello")
