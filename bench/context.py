@@ -18,9 +18,9 @@ import redis.asyncio as redis
 from bench.corpus import answer, message
 from bench.live import percentile
 from bot.conversation import build_context, safety_margin
-from bot.domain import Role, ThreadKey, Turn
+from bot.domain import REPLY_PRIMING_TOKENS, Role, ThreadKey, Turn
 from bot.history import RedisHistory
-from bot.tokens import REPLY_PRIMING_TOKENS, TiktokenCounter
+from bot.tokens import TiktokenCounter
 
 SYSTEM = "You are a helpful assistant in a Slack workspace. Answer clearly and concisely, in Markdown."
 

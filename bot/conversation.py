@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from bot.domain import (
+    REPLY_PRIMING_TOKENS,
     BudgetCheck,
     ChatMessage,
     ChatModel,
@@ -36,7 +37,6 @@ from bot.domain import (
     UsageLedger,
 )
 from bot.errors import ModelError
-from bot.tokens import REPLY_PRIMING_TOKENS
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,9 @@ from typing import Literal, Protocol, TypedDict
 
 Role = Literal["user", "assistant"]
 
+# Tokens the API adds to every request to prime the reply (the OpenAI cookbook's count).
+REPLY_PRIMING_TOKENS = 3
+
 
 @dataclass(frozen=True, slots=True)
 class ThreadKey:

@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 FALLBACK_ENCODING = "o200k_base"
 TOKENS_PER_MESSAGE = 3
-REPLY_PRIMING_TOKENS = 3
 
 # name -> (the URL tiktoken loads it from, which is also its cache key; tiktoken's expected sha256)
 _BUNDLED: dict[str, tuple[str, str]] = {

@@ -16,9 +16,18 @@ from bot.conversation import (
     build_context,
     safety_margin,
 )
-from bot.domain import ChatMessage, Incoming, Job, Persona, Role, SlackMessage, ThreadKey, Turn
+from bot.domain import (
+    REPLY_PRIMING_TOKENS,
+    ChatMessage,
+    Incoming,
+    Job,
+    Persona,
+    Role,
+    SlackMessage,
+    ThreadKey,
+    Turn,
+)
 from bot.errors import ModelError, ModelErrorKind
-from bot.tokens import REPLY_PRIMING_TOKENS
 from tests.memory import (
     BOT_USER_ID,
     MemoryHistory,
