@@ -93,15 +93,17 @@ async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_tw
     server = PrivateRedis(tmp_path)
     server.start()
     harness.model.script(Reply(text="Before."), *(Reply(text=f"After {i}.") for i in range(2)))
+    env = harness.env(REDIS_URL=server.url, JOB_LEASE_SECONDS="2")
     try:
-        async with harness.running(redis_url=server.url, job_lease_seconds=2):
+        async with harness.running(workers=0, redis_url=server.url, job_lease_seconds=2):
+            worker = await BotProcess(env, "worker", cwd=tmp_path).start()
             ts = await harness.say("before the outage")
-            await harness.slack.wait_for(lambda: finished(harness, "C1", ts) == ["Before."], 10, "an answer")
+            await harness.slack.wait_for(lambda: finished(harness, "C1", ts) == ["Before."], 20, "an answer")
             server.stop()
             acked_before = set(harness.slack.acks)
             follow_up = await harness.say("also this", mention=False, thread_ts=ts, acked=False)
             other = await harness.say("a new question", channel="C2", acked=False)
-            await asyncio.sleep(2)  # the ingress gives up on Redis after a few retries
+            await asyncio.sleep(3)  # the ingress gives up on Redis after a few retries
             assert set(harness.slack.acks) == acked_before  # neither was acknowledged ...
             assert len(harness.slack.bot_messages("C1", ts)) == 1  # ... nor answered, nor apologised for
             server.start()
@@ -112,12 +114,15 @@ async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_tw
                 30,
                 "both answered",
             )
+            assert worker.running  # it waited the outage out
+            await worker.stop()
     finally:
         server.stop()
     texts = finished(harness, "C1", ts) + finished(harness, "C2", other)
     assert sorted(texts) == ["After 0.", "After 1.", "Before."]
     assert not any(":warning:" in c.args.get("markdown_text", "") for c in harness.slack.calls)
     assert follow_up in {m["ts"] for m in harness.slack.thread("C1", ts)}
+    assert "cannot read jobs" in worker.log()
 
 
 @pytest.mark.parametrize(
