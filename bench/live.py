@@ -23,6 +23,7 @@ import redis.asyncio as redis
 from bench.corpus import answer, message
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
+from bot.jobs import JobQueue
 from bot.tokens import TiktokenCounter
 from tests.fake_model import FakeModel, Reply
 from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
@@ -151,6 +152,7 @@ class LiveBot:
         """Threads the bot already takes part in, ``depth`` turns deep; channel -> thread ts."""
         client = redis.Redis.from_url(self.redis_url, decode_responses=True)
         history = RedisHistory(client, counter, prefix=self.prefix)
+        queue = JobQueue(client, prefix=self.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3)
         rng = random.Random(3)
         threads = {}
         for channel in channels:
@@ -168,7 +170,7 @@ class LiveBot:
                 )
             key = ThreadKey(TEAM_ID, channel, thread_ts)
             await history.seed(key, turns)
-            await history.activate(key)  # a thread the bot takes part in
+            await queue.join(key)  # a thread the bot takes part in
             threads[channel] = thread_ts
         await client.aclose()
         return threads

@@ -219,7 +219,7 @@ class Responder:
 
     async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
         """Asked in a thread it remembers nothing of, the bot first stores what was said before."""
-        if (await self.history.state(incoming.key)).remembered:
+        if await self.history.remembers(incoming.key):
             return
         earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
         turns = [self._turn(m.role, m.text, m.ts, m.speaker_id, m.speaker_name) for m in earlier]

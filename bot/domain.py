@@ -155,15 +155,6 @@ class BudgetCheck:
     reserved_micro_usd: int = 0
 
 
-@dataclass(frozen=True, slots=True)
-class ThreadState:
-    """What the store knows about a thread: whether the bot takes part (it accepted a question there),
-    and whether it remembers anything of it (turns stored)."""
-
-    active: bool
-    remembered: bool
-
-
 class TokenCounter(Protocol):
     """Counts chat-message tokens with one encoding."""
 
@@ -186,7 +177,9 @@ class History(Protocol):
         """Hold the thread so replies in it happen one at a time, across workers."""
         ...
 
-    async def state(self, key: ThreadKey) -> ThreadState: ...
+    async def remembers(self, key: ThreadKey) -> bool:
+        """True when anything of the thread is stored."""
+        ...
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
         """Newest-first turns, reading only as many as can fill ``token_budget`` (plus one)."""

@@ -2,7 +2,7 @@
 thread, and the display-name cache.
 
 Key layout (docs/architecture.md): every key starts with the configured prefix and carries the
-workspace id. A thread's keys (turns, meta, lock, persona pin, job progress) share the hash tag
+workspace id. A thread's keys (turns, lock, persona pin, job progress) share the hash tag
 ``{team:channel:thread_ts}`` so they live in one Redis Cluster slot and the scripts and MULTI blocks
 below stay legal there. Turns are a list of JSON objects, oldest first; reading them newest-first in
 pages keeps the cost of building a context proportional to what is kept, never to the thread's
@@ -29,7 +29,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import LockError, RedisError
 
-from bot.domain import JobProgress, ThreadKey, ThreadState, TokenCounter, Turn
+from bot.domain import JobProgress, ThreadKey, TokenCounter, Turn
 from bot.errors import HistoryError, ThreadBusy
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-"""
-
-
-# KEYS: the thread's meta hash. ARGV: the thread TTL.
-_ACTIVATE = """
-redis.call('HSET', KEYS[1], 'active', 1)
-redis.call('EXPIRE', KEYS[1], ARGV[1])
 """
 
 
@@ -126,7 +119,6 @@ class RedisHistory:
         self._max_turns = max_turns
         self._lock_lease = lock_lease_seconds
         self._store_once = client.register_script(_STORE_ONCE)
-        self._activate = client.register_script(_ACTIVATE)
 
     def _key(self, key: ThreadKey, part: str) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
@@ -161,19 +153,9 @@ class RedisHistory:
                 log.warning("could not renew a thread lock: %s", type(exc).__name__)
                 return
 
-    async def state(self, key: ThreadKey) -> ThreadState:
+    async def remembers(self, key: ThreadKey) -> bool:
         with redis_errors("reading thread state"):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hget(self._key(key, "meta"), "active")
-                pipe.exists(self._key(key, "turns"))
-                active, remembered = await pipe.execute()
-        return ThreadState(active=bool(active), remembered=bool(remembered))
-
-    async def activate(self, key: ThreadKey) -> None:
-        """The bot takes part in the thread from now on: follow-ups there need no mention."""
-        with redis_errors("marking a thread active"):
-            # A script rather than MULTI: this is on the path to every mention's ack, and one call is cheaper.
-            await self._activate(keys=[self._key(key, "meta")], args=[self._ttl])
+            return bool(await self._redis.exists(self._key(key, "turns")))
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
         """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end.

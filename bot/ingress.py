@@ -1,7 +1,7 @@
 """The ingress: Slack's requests in, jobs out. The only module that imports ``slack_bolt``.
 
-A message event is parsed, checked (is it for the bot at all?), and queued as a job, deduplicated in
-the same step (``JobQueue.enqueue``), before Slack is acknowledged: Bolt runs with
+A message event is parsed, then checked (is it for the bot at all?), deduplicated and queued as a job
+in one step (``JobQueue.accept``, one Redis call), before Slack is acknowledged: Bolt runs with
 ``process_before_response``, so the acknowledgement goes out only once the listener has returned. If
 Redis cannot take the job, the listener raises, Bolt answers 500, and the event is left
 unacknowledged (Socket Mode) or refused (HTTP): Slack delivers it again later. Nothing here posts to
@@ -15,7 +15,6 @@ seconds for opening a modal.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -28,7 +27,6 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, ModelList, PersonaCommands, UsageReport
 from bot.errors import HistoryError
-from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.llm import list_models
 from bot.observability import (
@@ -52,8 +50,7 @@ EVENTS_PATH = "/slack/events"  # where HTTP mode serves the Events API, commands
 class Ingress:
     """Turns message events into jobs."""
 
-    def __init__(self, history: RedisHistory, queue: JobQueue, identity: BotIdentity) -> None:
-        self._history = history
+    def __init__(self, queue: JobQueue, identity: BotIdentity) -> None:
         self._queue = queue
         self._identity = identity
 
@@ -63,20 +60,16 @@ class Ingress:
         EVENTS_RECEIVED.inc()
         team = body.get("team_id") or self._identity.team_id
         incoming = parse_event(event, team=team, bot_user_id=self._identity.user_id)
-        try:
-            if incoming is not None and (
-                incoming.addressed or (await self._history.state(incoming.key)).active
-            ):
-                # Taking part from now on, so that a follow-up sent right after it is taken up too.
-                activated = self._history.activate(incoming.key) if incoming.addressed else asyncio.sleep(0)
-                _, job_id = await asyncio.gather(activated, self._queue.enqueue(incoming))
-                if job_id:
-                    JOBS_QUEUED.inc()
-                else:
-                    EVENTS_DUPLICATE.inc()
-        except HistoryError:
-            EVENTS_REFUSED.inc()
-            raise
+        if incoming is not None:
+            try:
+                acceptance = await self._queue.accept(incoming)
+            except HistoryError:
+                EVENTS_REFUSED.inc()
+                raise
+            if acceptance.outcome == "queued":
+                JOBS_QUEUED.inc()
+            elif acceptance.outcome == "duplicate":
+                EVENTS_DUPLICATE.inc()
         EVENTS_ACKED.inc()
 
 
@@ -110,7 +103,7 @@ def bolt_app(services: Services) -> AsyncApp:
         signing_secret=secret_value(settings.slack_signing_secret),
         process_before_response=True,
     )
-    ingress = Ingress(services.history, slack.queue, identity)
+    ingress = Ingress(slack.queue, identity)
     # A mention in a channel arrives twice (app_mention and message); it is queued once.
     app.event("app_mention")(ingress.accept)
     app.event("message")(ingress.accept)

@@ -5,17 +5,20 @@ workspace's queue is one Redis Cluster slot and every script below stays legal t
 
 - ``{prefix}{T:jobs}:queue``: the stream of jobs waiting or being answered (consumer group ``workers``);
 - ``{prefix}{T:jobs}:dead``: jobs that failed every attempt, with why, for an operator to look at;
-- ``{prefix}{T:jobs}:seen:{C}:{ts}``: one marker per Slack message for an hour, so a message Slack
+- ``{prefix}{T:jobs}:seen:{T}:{C}:{ts}``: one marker per Slack message for an hour, so a message Slack
   delivers twice (retries, the ``app_mention`` and ``message`` twins, several ingress replicas) is
-  queued once.
+  queued once;
+- ``{prefix}{T:jobs}:joined:{T}:{C}:{TS}``: the threads the bot takes part in (it accepted a question
+  there), whose follow-ups it answers without a mention; kept as long as a thread's history.
 
-A job's life: ``enqueue`` checks the marker and adds the job in one script, and only then may the
-ingress acknowledge Slack. A worker takes it (``take``, delivery 1) and renews its lease while it works
-(``renew``: XCLAIM JUSTID resets the idle time, only while the job is still its own). When done it is
-acknowledged and deleted (``ack``). A job whose worker stopped renewing for a whole lease is
-``reclaim``-ed by any worker, its delivery count raised; a job delivered more than ``max_attempts``
-times goes to the dead-letter stream instead (``dead_letter``). Every Redis failure leaves this module as
-a ``HistoryError``.
+A job's life: ``accept`` decides in one script whether a message is for the bot (addressed to it, or
+said in a thread it joined), whether it was queued before, and queues it, joining its thread; only
+then may the ingress acknowledge Slack. A worker takes it (``take``, delivery 1) and renews its lease
+while it works (``renew``: XCLAIM JUSTID resets the idle time, only while the job is still its own).
+When done it is acknowledged and deleted (``ack``). A job whose worker stopped renewing for a whole
+lease is ``reclaim``-ed by any worker, its delivery count raised; a job delivered more than
+``max_attempts`` times goes to the dead-letter stream instead (``dead_letter``). Every Redis failure
+leaves this module as a ``HistoryError``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -38,13 +42,16 @@ GROUP = "workers"
 DEDUP_SECONDS = 3600
 DEAD_LETTERS_KEPT = 10_000
 
-# KEYS: the message's marker, the queue. ARGV: marker seconds, then the job's fields and values.
-# Nothing is written unless the job is queued: a failed XADD leaves no marker behind.
-_ENQUEUE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+# KEYS: the message's marker, the queue, the thread's joined marker. ARGV: marker seconds, joined
+# seconds, 1 when the message is addressed to the bot, then the job's fields and values. Nothing is
+# written unless the job is queued: a failed XADD leaves no marker behind.
+_ACCEPT = """
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {'ignored'} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate'} end
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
 redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-return id
+redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
+return {'queued', id}
 """
 
 # KEYS: the queue. ARGV: group, consumer, minimum idle ms, count. Claims jobs idle for a whole lease and
@@ -77,6 +84,15 @@ for i = 3, #ARGV do
 end
 return lost
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    """What the queue made of a message: ``queued`` (with the job's id), ``duplicate`` (queued before),
+    or ``ignored`` (said in a thread the bot takes no part in, without addressing it)."""
+
+    outcome: str
+    job_id: str | None = None
 
 
 def consumer_name() -> str:
@@ -126,32 +142,50 @@ class JobQueue:
         team: str,
         lease_seconds: float,
         max_attempts: int,
+        joined_seconds: int = 30 * 24 * 3600,
         consumer: str | None = None,
     ) -> None:
         self._redis = client
         self._prefix = prefix
         self._team = team
+        self._joined_seconds = joined_seconds
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.consumer = consumer or consumer_name()
         self.queue_key = self._key("queue")
         self.dead_key = self._key("dead")
-        self._enqueue = client.register_script(_ENQUEUE)
+        self._accept = client.register_script(_ACCEPT)
         self._reclaim = client.register_script(_RECLAIM)
         self._renew = client.register_script(_RENEW)
 
     def _key(self, part: str) -> str:
         return f"{self._prefix}{{{self._team}:jobs}}:{part}"
 
-    async def enqueue(self, incoming: Incoming) -> str | None:
-        """Queue a job for ``incoming``: its id, or None when the message was queued before."""
+    def _joined(self, key: ThreadKey) -> str:
+        return self._key(f"joined:{key.team}:{key.channel}:{key.thread_ts}")
+
+    async def accept(self, incoming: Incoming) -> Acceptance:
+        """Queue a job for ``incoming`` if it is for the bot and was not queued before."""
         marker = self._key(f"seen:{incoming.key.team}:{incoming.dedup_key}")
         with redis_errors("queueing a job"):
-            job_id = await self._enqueue(
-                keys=[marker, self.queue_key],
-                args=[DEDUP_SECONDS, "job", _encode(incoming), "at", repr(time.time())],
+            outcome, *job_id = await self._accept(
+                keys=[marker, self.queue_key, self._joined(incoming.key)],
+                args=[
+                    DEDUP_SECONDS,
+                    self._joined_seconds,
+                    int(incoming.addressed),
+                    "job",
+                    _encode(incoming),
+                    "at",
+                    repr(time.time()),
+                ],
             )
-        return str(job_id) if job_id else None
+        return Acceptance(str(outcome), str(job_id[0]) if job_id else None)
+
+    async def join(self, key: ThreadKey) -> None:
+        """Take part in a thread as if asked there: its follow-ups are queued without a mention."""
+        with redis_errors("joining a thread"):
+            await self._redis.set(self._joined(key), 1, ex=self._joined_seconds)
 
     async def ensure_group(self) -> None:
         """Create the consumer group (and the stream) if missing; jobs queued before it are kept."""

@@ -187,6 +187,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 team=identity.team_id,
                 lease_seconds=settings.job_lease_seconds,
                 max_attempts=settings.job_max_attempts,
+                joined_seconds=settings.history_ttl_seconds,
             )
             services.slack = SlackServices(web, identity, adapter, queue)
             log.info(

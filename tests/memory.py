@@ -24,7 +24,6 @@ from bot.domain import (
     SlackMessage,
     StreamEnd,
     ThreadKey,
-    ThreadState,
     Turn,
     Usage,
 )
@@ -38,7 +37,6 @@ class MemoryHistory:
 
     def __init__(self) -> None:
         self.turns: defaultdict[ThreadKey, list[Turn]] = defaultdict(list)
-        self.active: set[ThreadKey] = set()
         self.progresses: defaultdict[tuple[ThreadKey, str], dict[str, object]] = defaultdict(dict)
         self.recent_budgets: list[int] = []  # the token_budget of every recent() call, in order
         self._locks: defaultdict[ThreadKey, asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -48,8 +46,8 @@ class MemoryHistory:
         async with self._locks[key]:
             yield
 
-    async def state(self, key: ThreadKey) -> ThreadState:
-        return ThreadState(active=key in self.active, remembered=bool(self.turns[key]))
+    async def remembers(self, key: ThreadKey) -> bool:
+        return bool(self.turns[key])
 
     async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
         """Newest first, stopping right after the turn that takes the total past ``token_budget``."""

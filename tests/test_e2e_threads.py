@@ -9,6 +9,7 @@ import asyncio
 
 from bot.domain import ThreadKey, Turn
 from bot.history import RedisHistory
+from bot.jobs import JobQueue
 from bot.tokens import TiktokenCounter
 from tests.conftest import Harness, next_ts
 from tests.fake_model import Reply
@@ -152,7 +153,9 @@ async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_questio
             Turn(role, text, counter.message_tokens(role, content), "o200k_base", speaker_name="alice")
         )
     await history.seed(key, turns)
-    await history.activate(key)  # a thread the bot takes part in
+    await JobQueue(harness.redis, prefix=harness.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3).join(
+        key
+    )  # a thread the bot takes part in
     harness.slack.add_message("C1", ts=key.thread_ts, user="U1", text="parent")
     async with harness.running(max_prompt_tokens=budget):
         await harness.say("what was the last number?", thread_ts=key.thread_ts, mention=False)

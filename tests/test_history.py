@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as redis
 
-from bot.domain import JobProgress, ThreadKey, ThreadState, Turn
+from bot.domain import JobProgress, ThreadKey, Turn
 from bot.errors import HistoryError
 from bot.history import PROGRESS_SECONDS, RedisHistory, open_redis
 from bot.tokens import TiktokenCounter
@@ -27,15 +27,14 @@ async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
     redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix, ttl_seconds=600, max_turns=5)
-    assert not (await history.state(KEY)).remembered
+    assert not await history.remembers(KEY)
     await history.seed(KEY, [turn(counter, i) for i in range(8)])
-    await history.activate(KEY)
     keys = sorted([k async for k in redis_client.scan_iter(match=f"{prefix}*")])
-    assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:meta", f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
-    assert 590 < await redis_client.ttl(keys[1]) <= 600 and 590 < await redis_client.ttl(keys[0]) <= 600
+    assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
+    assert 590 < await redis_client.ttl(keys[0]) <= 600
     stored = await history.recent(KEY, 10**6)
     assert [t.text for t in stored] == [f"turn {i}" for i in (7, 6, 5, 4, 3)]  # capped, newest first
-    assert await history.state(KEY) == ThreadState(active=True, remembered=True)
+    assert await history.remembers(KEY)
 
 
 async def test_recent_reads_only_what_the_budget_can_use(
@@ -146,7 +145,7 @@ async def test_many_concurrent_commands_wait_for_a_connection_instead_of_failing
     async with open_redis(redis_url, tmp_path) as client:
         history = RedisHistory(client, counter, prefix=prefix)
         threads = [ThreadKey("T9", "C9", str(i)) for i in range(500)]
-        await asyncio.gather(*(history.activate(thread) for thread in threads))
-        assert all([(await history.state(thread)).active for thread in threads])
+        await asyncio.gather(*(history.record_part(thread, "1-0", 0, "1.0") for thread in threads))
+        assert all([(await history.progress(thread, "1-0")).parts == ("1.0",) for thread in threads])
         assert client.connection_pool.max_connections < 500
-        await client.delete(*[f"{prefix}{{T9:C9:{i}}}:meta" for i in range(500)])
+        await asyncio.gather(*(history.forget_job(thread, "1-0") for thread in threads))

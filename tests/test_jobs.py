@@ -7,11 +7,24 @@ import asyncio
 import redis.asyncio as redis
 
 from bot.domain import Incoming, ThreadKey
-from bot.jobs import DEDUP_SECONDS, GROUP, JobQueue
+from bot.jobs import DEDUP_SECONDS, GROUP, Acceptance, JobQueue
 
 
-def message(ts: str = "1700000000.000100", channel: str = "C9", team: str = "T9") -> Incoming:
-    return Incoming(ThreadKey(team, channel, ts), ts, "U1", "<@UBOT> hello", addressed=True, is_dm=False)
+def message(
+    ts: str = "1700000000.000100",
+    channel: str = "C9",
+    team: str = "T9",
+    thread_ts: str | None = None,
+    addressed: bool = True,
+) -> Incoming:
+    key = ThreadKey(team, channel, thread_ts or ts)
+    return Incoming(key, ts, "U1", "<@UBOT> hello", addressed=addressed, is_dm=False)
+
+
+async def enqueue(queue: JobQueue, incoming: Incoming) -> str:
+    acceptance = await queue.accept(incoming)
+    assert acceptance.outcome == "queued" and acceptance.job_id is not None
+    return acceptance.job_id
 
 
 def queue(client: redis.Redis, prefix: str, consumer: str, lease: float = 1.0) -> JobQueue:
@@ -20,22 +33,38 @@ def queue(client: redis.Redis, prefix: str, consumer: str, lease: float = 1.0) -
 
 async def test_a_message_is_queued_once_whoever_delivers_it(redis_client: redis.Redis, prefix: str) -> None:
     first, second = queue(redis_client, prefix, "a"), queue(redis_client, prefix, "b")
-    job_id = await first.enqueue(message())
-    assert job_id is not None
-    assert await first.enqueue(message()) is None  # Slack's retry
-    assert await second.enqueue(message()) is None  # the same event at another ingress replica
-    assert await first.enqueue(message(team="T8")) is not None  # the same ids in another workspace
+    job_id = await enqueue(first, message())
+    assert await first.accept(message()) == Acceptance("duplicate")  # Slack's retry
+    assert await second.accept(message()) == Acceptance("duplicate")  # another ingress replica
+    await enqueue(first, message(team="T8"))  # the same ids in another workspace
     assert await redis_client.xlen(f"{prefix}{{T9:jobs}}:queue") == 2
     marker = f"{prefix}{{T9:jobs}}:seen:T9:C9:1700000000.000100"
     assert await redis_client.get(marker) == job_id
     assert 0 < await redis_client.ttl(marker) <= DEDUP_SECONDS
 
 
+async def test_the_bot_takes_part_in_a_thread_from_the_question_it_accepts_there(
+    redis_client: redis.Redis, prefix: str
+) -> None:
+    ingress = JobQueue(
+        redis_client, prefix=prefix, team="T9", lease_seconds=1, max_attempts=3, joined_seconds=600
+    )
+    chatter = message("1.2", thread_ts="1.1", addressed=False)
+    assert await ingress.accept(chatter) == Acceptance("ignored")  # people talking among themselves
+    await enqueue(ingress, message("1.3", thread_ts="1.1"))  # the bot is asked in the thread
+    await enqueue(ingress, message("1.4", thread_ts="1.1", addressed=False))  # now follow-ups count
+    assert await ingress.accept(message("2.2", thread_ts="2.1", addressed=False)) == Acceptance("ignored")
+    joined = f"{prefix}{{T9:jobs}}:joined:T9:C9:1.1"
+    assert 590 < await redis_client.ttl(joined) <= 600
+    await ingress.join(ThreadKey("T9", "C9", "2.1"))
+    await enqueue(ingress, message("2.2", thread_ts="2.1", addressed=False))
+
+
 async def test_jobs_queued_before_any_worker_are_taken_with_what_was_asked(
     redis_client: redis.Redis, prefix: str
 ) -> None:
     ingress, worker = queue(redis_client, prefix, "ingress"), queue(redis_client, prefix, "w1")
-    job_id = await ingress.enqueue(message())
+    job_id = await enqueue(ingress, message())
     await worker.ensure_group()
     await worker.ensure_group()  # idempotent
     (job,) = await worker.take(10, block_ms=100)
@@ -51,8 +80,8 @@ async def test_a_silent_workers_job_is_reclaimed_after_its_lease_and_a_renewed_o
 ) -> None:
     dying, living, other = (queue(redis_client, prefix, name) for name in ("dying", "living", "other"))
     await dying.ensure_group()
-    await dying.enqueue(message("1.1"))
-    await living.enqueue(message("1.2"))
+    await enqueue(dying, message("1.1"))
+    await enqueue(living, message("1.2"))
     (abandoned,) = await dying.take(1, block_ms=100)
     (kept,) = await living.take(1, block_ms=100)
     assert await other.reclaim(10) == []  # both leases still run
@@ -71,7 +100,7 @@ async def test_a_job_delivered_past_its_attempts_goes_to_the_dead_letters(
 ) -> None:
     workers = [queue(redis_client, prefix, f"w{i}", lease=0.2) for i in range(4)]
     await workers[0].ensure_group()
-    await workers[0].enqueue(message())
+    await enqueue(workers[0], message())
     (job,) = await workers[0].take(1, block_ms=100)
     for worker in workers[1:]:
         await asyncio.sleep(0.3)
@@ -91,6 +120,6 @@ async def test_a_lost_consumer_group_is_made_again(redis_client: redis.Redis, pr
     await redis_client.delete(f"{prefix}{{T9:jobs}}:queue")  # Redis restarted without its data
     assert await worker.take(1, block_ms=50) == []
     assert await worker.reclaim(1) == []
-    await worker.enqueue(message())
+    await enqueue(worker, message())
     (job,) = await worker.take(1, block_ms=100)
     assert job.incoming == message()
