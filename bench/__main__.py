@@ -79,7 +79,12 @@ def report(result: dict[str, Any]) -> str:
             "Reproduce: `pip install -e '.[test]' && python -m bench` (add `--quick` for a smoke run; set "
             "`REDIS_URL` to use a Redis server instead of the embedded one). Everything runs on loopback: "
             "the fake Slack and fake model of the tests in the bench process, the bot as its own process "
-            "(`python -m bot run`), real Redis. Figures are in `bench/results.json`.",
+            "(`python -m bot run`), real Redis. Figures are in `bench/results.json`."
+            + (
+                f" This run also ran revision `{result['before']}` (`--before {result['before']}`) side by side."
+                if result.get("before")
+                else ""
+            ),
             "",
             f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
             + (f"; missed: {'; '.join(missed)}." if missed else "."),
@@ -105,7 +110,7 @@ def checkout(rev: str | None) -> Iterator[Path | None]:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], check=True, capture_output=True)
 
 
-async def main(quick: bool, before: Path | None = None) -> int:
+async def main(quick: bool, before: Path | None = None, before_rev: str | None = None) -> int:
     url = os.environ.get("REDIS_URL")
     embedded = None
     if not url:
@@ -140,6 +145,7 @@ async def main(quick: bool, before: Path | None = None) -> int:
             embedded.shutdown()
     result = {
         "quick": quick,
+        "before": before_rev,
         "seconds": round(time.monotonic() - started, 1),
         "machine": machine(info["redis_version"]),
         "rows": rows,
@@ -168,4 +174,4 @@ if __name__ == "__main__":
         (HERE / "RESULTS.md").write_text(report(json.loads((HERE / "results.json").read_text())))
         sys.exit(0)
     with checkout(args.before) as before:
-        sys.exit(asyncio.run(main(args.quick, before)))
+        sys.exit(asyncio.run(main(args.quick, before, args.before)))

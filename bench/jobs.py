@@ -75,7 +75,8 @@ async def scaling(
             bot.model.default_reply = Reply(
                 text=answer(random.Random(5)), chunk_size=40, first_token_delay=1.0
             )
-            samples = await Conversations(bot).steady(counter, "CS", concurrency, turns, 1.0)
+            # Follow-ups mention the bot: the bot before the queue kept participation elsewhere.
+            samples = await Conversations(bot, mention=True).steady(counter, "CS", concurrency, turns, 1.0)
         rates[args] = throughput.replies_per_s
         rows.append(
             {

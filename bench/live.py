@@ -194,8 +194,9 @@ class Conversations:
     """Conversations in progress against a ``LiveBot``: each sends its next message when its reply is
     done, and the time from the message leaving Slack to its reply's last write is taken."""
 
-    def __init__(self, bot: LiveBot) -> None:
+    def __init__(self, bot: LiveBot, *, mention: bool = False) -> None:
         self.bot = bot
+        self.mention = mention  # follow-ups that mention the bot need no participation state
         self.finished: dict[str, asyncio.Event] = {}
         self.finish_at: dict[str, float] = {}
         bot.slack.call_listeners.append(self._on_call)
@@ -209,7 +210,7 @@ class Conversations:
     async def one_reply(self, channel: str, thread_ts: str, model_seconds: float) -> float:
         """The overhead of one reply: event to last write, minus the model's own time."""
         self.finished[channel] = asyncio.Event()
-        _, at = await self.bot.send(channel, "and then?", thread_ts=thread_ts, mention=False)
+        _, at = await self.bot.send(channel, "and then?", thread_ts=thread_ts, mention=self.mention)
         await asyncio.wait_for(self.finished[channel].wait(), 60)
         return self.finish_at[channel] - at - model_seconds
 
