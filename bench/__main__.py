@@ -81,7 +81,7 @@ def report(result: dict[str, Any]) -> str:
             "the fake Slack and fake model of the tests in the bench process, the bot as its own process "
             "(`python -m bot run`), real Redis. Figures are in `bench/results.json`."
             + (
-                f" This run also ran revision `{result['before']}` (`--before {result['before']}`) side by side."
+                f" It also ran the bot at `{result['before']}` beside it (`--before {result['before']}`)."
                 if result.get("before")
                 else ""
             ),
