@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 EMPTY_MENTION_HINT = "Hi! Ask me something after the mention, e.g. _@me how do I rotate a Redis password?_"
 REPLY_TOKENS_ESTIMATE = 1000  # a reply's size for budget reservations when the persona sets no maximum
 LENGTH_NOTE = "_(The answer was cut off at the reply token limit.)_"
+UNKNOWN_PERSONA = "_(There is no persona named {name} here, so I answer as {persona}.)_"
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
 
 
@@ -168,7 +169,10 @@ class Responder:
                     return
                 if not progress.question_stored:
                     await self.history.store_question(incoming.key, job.id, question)
-                spent = await self._reply(job, reply, persona, question, check)
+                prelude = None
+                if requested and persona.name != requested:
+                    prelude = UNKNOWN_PERSONA.format(name=requested, persona=persona.name)
+                spent = await self._reply(job, reply, persona, question, check, prelude)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             if self.usage is not None:
@@ -191,10 +195,20 @@ class Responder:
         return ReplyLog(job.id, job.attempt, progress.parts, record)
 
     async def _reply(
-        self, job: Job, reply: ReplyStream, persona: Persona, question: Turn, check: BudgetCheck
+        self,
+        job: Job,
+        reply: ReplyStream,
+        persona: Persona,
+        question: Turn,
+        check: BudgetCheck,
+        prelude: str | None,
     ) -> tuple[str, Usage, int] | None:
-        """Answer and store; what the reply used (model, usage, trimmed), or None when the model failed."""
+        """Answer and store; what the reply used (model, usage, trimmed), or None when the model failed.
+        ``prelude`` is a line for the asker before the answer (not part of it)."""
         incoming = job.incoming
+        await reply.thinking()
+        if prelude:
+            await reply.append(prelude + "\n\n")
         try:
             answer, end, context = await self._answer(incoming, persona, question, reply, check.notice)
         except ModelError as exc:
@@ -240,7 +254,6 @@ class Responder:
     ) -> tuple[Turn, StreamEnd, Context]:
         """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""
         budget = self.max_prompt_tokens
-        await reply.thinking()
         while True:
             # The question is stored already; the context carries it last, whatever came after it.
             recent = await self.history.recent(incoming.key, budget + question.tokens)

@@ -18,6 +18,19 @@ Role = Literal["user", "assistant"]
 REPLY_PRIMING_TOKENS = 3
 
 
+def valid_text(text: str) -> str:
+    """``text`` as valid Unicode: a lone surrogate (JSON can carry one, UTF-8 cannot) becomes U+FFFD.
+
+    Every text from Slack or from the model passes here before it is stored or sent: one bad
+    character must not make a thread unstorable for good.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 @dataclass(frozen=True, slots=True)
 class ThreadKey:
     """Where a conversation lives: workspace, channel and the ts of the thread's parent message."""

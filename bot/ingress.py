@@ -15,17 +15,21 @@ seconds for opening a modal.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-from slack_bolt.async_app import AsyncAck, AsyncApp
+from slack_bolt.async_app import AsyncAck, AsyncApp, AsyncBoltContext
 from slack_bolt.authorization import AuthorizeResult
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.commands import EDIT_ACTION, EDITOR_CALLBACK, ModelList, PersonaCommands, UsageReport
 from bot.errors import HistoryError
 from bot.jobs import JobQueue
 from bot.llm import list_models
@@ -38,9 +42,12 @@ from bot.observability import (
     ReadinessCheck,
     health_routes,
 )
+from bot.persona_commands import ModelList, PersonaCommands
 from bot.services import Services
 from bot.settings import secret_value
-from bot.slack import BotIdentity, check_app_token, parse_event
+from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_event
+from bot.usage_report import UsageReport
+from bot.views import EDIT_ACTION, EDITOR_CALLBACK
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +123,49 @@ def bolt_app(services: Services) -> AsyncApp:
 
     app.error(on_error)
     commands = PersonaCommands(
-        slack.web,
+        slack.adapter,
         services.personas,
         services.counter,
         settings.persona_admin_ids,
         ModelList(lambda: list_models(services.openai)),
     )
     _manage_personas(app, commands)
-    _report_usage(app, UsageReport(slack.web, services.usage, commands))
+    _report_usage(app, UsageReport(slack.adapter, services.usage, commands))
+    _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
 
-def _after_ack(what: str, work: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """A lazy listener: runs after the ack, and only logs what goes wrong (the user was answered)."""
+def _acknowledge_the_rest(app: AsyncApp) -> None:
+    """Everything else Slack sends is acknowledged too: an unacknowledged request is sent again and
+    again."""
+    anything = re.compile(".*")
 
-    async def lazily(body: dict[str, Any]) -> None:
+    async def ignore() -> None:
+        pass  # an event: Bolt acknowledges it
+
+    app.event(anything)(ignore)
+    for kind in (app.action, app.view, app.shortcut, app.options):
+        kind(anything)(_ack_now)
+
+
+LazyWork = Callable[[dict[str, Any], AsyncBoltContext], Awaitable[None]]
+
+
+def _after_ack(what: str, work: LazyWork) -> Callable[..., Awaitable[None]]:
+    """A lazy listener: runs after the ack; the last resort for what goes wrong in it (logged with its
+    traceback; whoever asked was answered by ``work`` if it could)."""
+
+    async def lazily(body: dict[str, Any], context: AsyncBoltContext) -> None:
         try:
-            await work(body)
+            await work(body, context)
         except Exception:
             log.exception("%s failed", what)
 
     return lazily
+
+
+def _body_only(work: Callable[[dict[str, Any]], Awaitable[None]]) -> LazyWork:
+    return lambda body, _: work(body)
 
 
 async def _ack_now(ack: AsyncAck) -> None:
@@ -144,33 +173,35 @@ async def _ack_now(ack: AsyncAck) -> None:
 
 
 def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
-    """``/persona``, its editor and App Home: ack first, then work (no Slack call before an ack)."""
+    """``/persona``, its editor and App Home: acknowledged first, their work done after."""
 
-    async def check_editor(ack: AsyncAck, body: dict[str, Any]) -> None:
-        errors = await commands.submit_editor(body)  # no Slack call: errors must travel in the ack
+    async def check_editor(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        errors = await commands.check_editor(body)  # a refusal must travel in the acknowledgement
+        context["editor_accepted"] = errors is None  # the lazy listener gets a copy of this context
         await (ack(**errors) if errors else ack())
 
-    async def save_editor(body: dict[str, Any]) -> None:
-        if await commands.submit_editor(body) is None:
+    async def save_editor(body: dict[str, Any], context: AsyncBoltContext) -> None:
+        if context.get("editor_accepted"):
             await commands.save_editor(body)
 
-    async def publish_home(body: dict[str, Any]) -> None:
-        if body["event"].get("tab") == "home":
+    async def publish_home(body: dict[str, Any], _: AsyncBoltContext) -> None:
+        if body["event"].get("tab") == "home" and is_slack_id(body["event"].get("user")):
             await commands.publish_home(body["team_id"], body["event"]["user"])
 
     async def home_opened() -> None:
         pass  # events are acknowledged by Bolt itself
 
-    app.command("/persona")(ack=_ack_now, lazy=[_after_ack("/persona", commands.command)])
+    app.command("/persona")(ack=_ack_now, lazy=[_after_ack("/persona", _body_only(commands.command))])
     app.view(EDITOR_CALLBACK)(ack=check_editor, lazy=[_after_ack("saving the persona editor", save_editor)])
     app.action(EDIT_ACTION)(
-        ack=_ack_now, lazy=[_after_ack("opening the persona editor", commands.open_editor_from_home)]
+        ack=_ack_now,
+        lazy=[_after_ack("opening the persona editor", _body_only(commands.open_editor_from_home))],
     )
     app.event("app_home_opened")(ack=home_opened, lazy=[_after_ack("publishing App Home", publish_home)])
 
 
 def _report_usage(app: AsyncApp, report: UsageReport) -> None:
-    app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", report.command)])
+    app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", _body_only(report.command))])
 
 
 class SocketModeIngress:
@@ -196,12 +227,43 @@ class SocketModeIngress:
             await self._handler.close_async()  # type: ignore[no-untyped-call]
 
 
+def _well_formed(body: str, content_type: str) -> bool:
+    """True when Bolt can read the body: a JSON object, or a form whose ``payload`` (if any) is one."""
+    try:
+        if content_type == "application/json":
+            return isinstance(json.loads(body), dict)
+        payload = parse_qs(body).get("payload")
+        return payload is None or isinstance(json.loads(payload[0]), dict)
+    except ValueError:
+        return False
+
+
+def _refuse_malformed(signing_secret: str) -> Middleware:
+    """A signed request Bolt cannot read is answered 400 (Bolt would fail with a 500, and Slack would
+    send it again); an unsigned one 401, as Bolt answers it."""
+    verifier = SignatureVerifier(signing_secret)
+
+    @web.middleware
+    async def refuse(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == EVENTS_PATH and request.method == "POST":
+            body = await request.text()
+            if not _well_formed(body, request.content_type):
+                if not verifier.is_valid_request(body, dict(request.headers)):
+                    return web.json_response({"error": "invalid request"}, status=401)
+                log.warning("refused a signed Slack request whose body is not readable")
+                return web.json_response({"error": "malformed body"}, status=400)
+        return await handler(request)
+
+    return refuse
+
+
 async def serve_http(
-    app: AsyncApp, checks: Mapping[str, ReadinessCheck], *, host: str, port: int
+    app: AsyncApp, checks: Mapping[str, ReadinessCheck], *, host: str, port: int, signing_secret: str
 ) -> web.AppRunner:
     """Serve the Events API at ``/slack/events`` (signatures verified by Bolt), with the health and
     metrics endpoints beside it; the caller cleans the runner up."""
     web_app = app.web_app(path=EVENTS_PATH, port=port)
+    web_app.middlewares.append(_refuse_malformed(signing_secret))
     health_routes(web_app, checks)
     runner = web.AppRunner(web_app, access_log=None)
     await runner.setup()

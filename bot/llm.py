@@ -19,9 +19,10 @@ import openai
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk
 
-from bot.domain import ChatMessage, Persona, StreamEnd, Usage
+from bot.domain import ChatMessage, Persona, StreamEnd, Usage, valid_text
 from bot.errors import ModelError, ModelErrorKind
 from bot.observability import FIRST_TOKEN, MODEL_ERRORS
+from bot.params import PARAMS, request_value
 
 
 def make_client(
@@ -112,20 +113,6 @@ def _counted(exc: Exception) -> ModelError:
     return ModelError(kind, f"{type(exc).__name__}: {exc}")
 
 
-# Parameters sent exactly when the persona or the settings set them (the persona wins).
-OPTIONAL_PARAMETERS = (
-    "temperature",
-    "top_p",
-    "presence_penalty",
-    "frequency_penalty",
-    "stop",
-    "logit_bias",
-    "seed",
-    "reasoning_effort",
-    "service_tier",
-)
-
-
 def hashed_user(key: bytes, end_user: str) -> str:
     """A stable pseudonym for "team:user": the provider can tell users apart without knowing them."""
     return hmac.new(key, end_user.encode(), hashlib.sha256).hexdigest()
@@ -163,14 +150,13 @@ class OpenAIChat:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        for name in OPTIONAL_PARAMETERS:
-            value = getattr(persona, name)
-            value = getattr(self._defaults, name) if value is None else value
-            if value is not None:
-                params[name] = list(value) if name == "stop" else value
-        max_tokens = persona.max_tokens or self._defaults.max_tokens
-        if max_tokens:
-            params[self._max_tokens_param] = max_tokens
+        for param in PARAMS:
+            value = getattr(persona, param.name)
+            value = getattr(self._defaults, param.name) if value is None else value
+            if value is not None and param.name != "model":
+                # The reply's size limit goes under the name the endpoint knows (MAX_TOKENS_PARAM).
+                key = self._max_tokens_param if param.name == "max_tokens" else param.name
+                params[key] = request_value(value)
         if self._user_id_param and end_user:
             params[self._user_id_param] = hashed_user(self._user_id_key, end_user)
         return params
@@ -204,7 +190,7 @@ class OpenAIChat:
                             if first_token:
                                 FIRST_TOKEN.observe(time.monotonic() - started)
                                 first_token = False
-                            yield choice.delta.content
+                            yield valid_text(choice.delta.content)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
         except Exception as exc:

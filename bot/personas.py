@@ -31,12 +31,12 @@ from typing import Annotated, Any
 import orjson
 import redis.asyncio as redis
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
 from bot.history import redis_errors
-from bot.settings import LogitBias, Penalty, StopSequences, Temperature, TopP
+from bot.params import PARAMS, persona_value
 
 DEFAULT_NAME = "default"
 CUSTOM_NAME = "custom"
@@ -44,45 +44,29 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 NAME_RULE = "1-40 characters: letters, digits, - and _"
 MAX_PROMPT_TOKENS = 8000
 AUDIT_KEPT = 50
-# What each parameter allows, in the words users see when a value is refused.
-ALLOWED = {
-    "system_prompt": f"a prompt of 1 to {MAX_PROMPT_TOKENS:,} tokens",
-    "model": "a model name",
-    "temperature": "a number from 0 to 2",
-    "top_p": "a number from 0 to 1",
-    "max_tokens": "a whole number of at least 1",
-    "presence_penalty": "a number from -2 to 2",
-    "frequency_penalty": "a number from -2 to 2",
-    "stop": "at most 4 stop sequences",
-    "logit_bias": "token ids mapped to numbers from -100 to 100",
-    "seed": "a whole number",
-    "reasoning_effort": "a reasoning effort the model knows (e.g. low, medium, high)",
-    "service_tier": "a service tier (e.g. auto, default, flex, priority)",
+# What each field allows, in the words users see when a value is refused.
+ALLOWED = {"system_prompt": f"a prompt of 1 to {MAX_PROMPT_TOKENS:,} tokens"} | {
+    param.name: param.allowed for param in PARAMS
 }
 
-
-class _PersonaSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    system_prompt: Annotated[str, Field(min_length=1)]
-    model: str | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
-    stop: StopSequences | None = None
-    logit_bias: LogitBias | None = None
-    seed: int | None = None
-    reasoning_effort: str | None = None
-    service_tier: str | None = None
+# A persona as the file and the editor give it: a prompt, and any chat parameter within its range.
+_SPEC_FIELDS: dict[str, Any] = {"system_prompt": (Annotated[str, Field(min_length=1)], ...)} | {
+    param.name: (param.annotation | None, None) for param in PARAMS
+}
+_PersonaSpec: type[BaseModel] = create_model(
+    "_PersonaSpec", __config__=ConfigDict(extra="forbid"), **_SPEC_FIELDS
+)
 
 
 class _PersonasFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    personas: dict[str, _PersonaSpec] = {}
+    personas: dict[str, dict[str, Any]] = {}
     channels: dict[str, str] = {}
+
+
+def _problems(exc: ValidationError, source: str, *within: str) -> list[str]:
+    return [f"{source}: {'.'.join([*within, *map(str, e['loc'])])}: {e['msg']}" for e in exc.errors()]
 
 
 def parse_personas(text: str, source: str = "PERSONAS_FILE") -> tuple[dict[str, Persona], dict[str, str]]:
@@ -92,10 +76,17 @@ def parse_personas(text: str, source: str = "PERSONAS_FILE") -> tuple[dict[str, 
     except yaml.YAMLError as exc:
         raise ConfigError([f"{source} is not valid YAML: {exc}"]) from None
     problems = []
+    parsed = _PersonasFile()
     try:
         parsed = _PersonasFile.model_validate(raw)
     except ValidationError as exc:
-        problems = [f"{source}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        problems = _problems(exc, source)
+    specs = {}
+    for name, spec in parsed.personas.items():
+        try:
+            specs[name] = _PersonaSpec.model_validate(spec).model_dump()
+        except ValidationError as exc:
+            problems += _problems(exc, source, "personas", name)
     names = raw.get("personas") if isinstance(raw, dict) else None
     channels = raw.get("channels") if isinstance(raw, dict) else None
     if isinstance(channels, dict):
@@ -108,8 +99,8 @@ def parse_personas(text: str, source: str = "PERSONAS_FILE") -> tuple[dict[str, 
     if problems:
         raise ConfigError(problems)
     personas = {
-        name: Persona(name=name, **{**spec.model_dump(), "stop": tuple(spec.stop) if spec.stop else None})
-        for name, spec in parsed.personas.items()
+        name: Persona(name=name, **{key: persona_value(value) for key, value in spec.items()})
+        for name, spec in specs.items()
     }
     return personas, dict(parsed.channels)
 
@@ -158,8 +149,7 @@ def _dump(persona: Persona | None) -> dict[str, Any] | None:
 def _load(data: Mapping[str, Any] | None) -> Persona | None:
     if not data:
         return None
-    stop = data.get("stop")
-    return Persona(**{**data, "stop": tuple(stop) if stop else None})
+    return Persona(**{key: persona_value(value) for key, value in data.items()})
 
 
 @dataclass(frozen=True, slots=True)

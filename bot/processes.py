@@ -73,7 +73,10 @@ async def run(
     async with AsyncExitStack() as ingress:
         app = bolt_app(services)
         if http:
-            ingress.push_async_callback((await serve_http(app, checks, host=host, port=port)).cleanup)
+            server = await serve_http(
+                app, checks, host=host, port=port, signing_secret=secret_value(settings.slack_signing_secret)
+            )
+            ingress.push_async_callback(server.cleanup)
         else:
             socket = SocketModeIngress(app, secret_value(settings.slack_app_token))
             checks["slack"] = socket.connected

@@ -25,6 +25,7 @@ from bot.domain import ChatModel, Persona, SlackPort
 from bot.history import RedisHistory, open_redis
 from bot.jobs import JobQueue
 from bot.llm import OpenAIChat, make_client
+from bot.params import PARAMS, persona_value
 from bot.personas import FilePersonas, PersonaStore
 from bot.settings import Settings, secret_value
 from bot.slack import BotIdentity, SlackAdapter, fetch_identity, web_client
@@ -50,21 +51,8 @@ def model_client(settings: Settings, max_retries: int | None = None) -> AsyncOpe
 
 def model_defaults(settings: Settings) -> Persona:
     """The Chat Completions parameters the settings give every reply (a persona's own win)."""
-    return Persona(
-        name="settings",
-        system_prompt=settings.system_prompt,
-        model=settings.openai_model,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        max_tokens=settings.max_reply_tokens,
-        presence_penalty=settings.presence_penalty,
-        frequency_penalty=settings.frequency_penalty,
-        stop=tuple(settings.stop) if settings.stop else None,
-        logit_bias=settings.logit_bias,
-        seed=settings.seed,
-        reasoning_effort=settings.reasoning_effort,
-        service_tier=settings.service_tier,
-    )
+    values = {param.name: persona_value(getattr(settings, param.setting)) for param in PARAMS}
+    return Persona(name="settings", system_prompt=settings.system_prompt, **values)
 
 
 def budgets(settings: Settings) -> Budgets:

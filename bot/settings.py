@@ -16,17 +16,12 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, Validation
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
+from bot.params import LogitBias, Penalty, ReplyTokens, StopSequences, Temperature, TopP
 
 StreamMode = Literal["auto", "native", "update", "off"]
 # What a process does, which decides the settings it needs: Slack ingress over Socket Mode or HTTP (with
 # or without workers), a worker only, or just the model (chat, models).
 Serving = Literal["socket", "http", "worker", "model"]
-# Chat Completions parameters and their ranges, for the settings and for personas alike.
-Temperature = Annotated[float, Field(ge=0, le=2)]
-TopP = Annotated[float, Field(ge=0, le=1)]
-Penalty = Annotated[float, Field(ge=-2, le=2)]
-StopSequences = Annotated[list[str], Field(max_length=4)]
-LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful assistant in a Slack workspace. Answer clearly and concisely, in Markdown. "
@@ -81,9 +76,10 @@ class Settings(BaseSettings):
     persona_admins: str = ""
 
     max_prompt_tokens: Annotated[int, Field(ge=256)] = 16000
-    max_reply_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Chat Completions parameters (bot.params: every one, with its range) for every reply; a persona's
+    # own values win. Unset: not sent.
+    max_reply_tokens: ReplyTokens | None = None
     max_tokens_param: Literal["max_completion_tokens", "max_tokens"] = "max_completion_tokens"
-    # Chat Completions parameters for every reply; a persona's own values win. Unset: not sent.
     temperature: Temperature | None = None
     top_p: TopP | None = None
     presence_penalty: Penalty | None = None

@@ -24,10 +24,11 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import aiohttp
 from markdown_it import MarkdownIt
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
@@ -36,8 +37,9 @@ from slack_sdk.http_retry.response import HttpResponse
 from slack_sdk.http_retry.state import RetryState
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
+from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.domain import Incoming, ReplyLog, SlackMessage, ThreadKey
+from bot.domain import Incoming, ReplyLog, SlackMessage, ThreadKey, valid_text
 from bot.errors import SlackError
 from bot.observability import SLACK_ERRORS
 
@@ -75,28 +77,62 @@ _MARKUP = re.compile(r"<([^<>]+)>")
 _markdown = MarkdownIt("commonmark")
 
 
+_SLACK_ID = r"^[A-Z0-9]{2,32}$"  # U…, W…, B…, C…, D…, G…, T…, E…
+_SLACK_TS = r"^[0-9]{1,12}\.[0-9]{1,9}$"
+SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
+SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
+
+
+class _MessageEvent(BaseModel):
+    """The fields of a message event the bot relies on, each checked (extra fields are Slack's own)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["app_mention", "message"]
+    user: SlackId
+    channel: SlackId
+    ts: SlackTs
+    thread_ts: SlackTs | None = None
+    channel_type: StrictStr | None = None
+    text: StrictStr = ""
+
+
+def is_slack_id(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(_SLACK_ID, value) is not None
+
+
 def parse_event(event: Mapping[str, Any], *, team: str, bot_user_id: str) -> Incoming | None:
-    """The message in an ``app_mention`` or ``message`` event, if the bot may answer it."""
+    """The message in an ``app_mention`` or ``message`` event, if the bot may answer it.
+
+    None for anything it must not answer: its own and other bots' messages, edits, deletions and other
+    subtypes, channel chatter, and malformed events (logged by which fields, never with content).
+    """
     if (
         event.get("type") not in ("app_mention", "message")
         or event.get("subtype") not in _ANSWERABLE_SUBTYPES
+        or event.get("bot_id")
+        or event.get("user") == bot_user_id
     ):
-        return None
-    user = event.get("user")
-    if not user or user == bot_user_id or event.get("bot_id"):
         return None  # never answer itself or another bot
-    channel, ts, text = event.get("channel"), event.get("ts"), event.get("text") or ""
-    if not channel or not ts:
+    try:
+        message = _MessageEvent.model_validate(event)
+    except ValidationError as exc:
+        fields = sorted({".".join(str(part) for part in error["loc"]) for error in exc.errors()})
+        log.warning("dropped a malformed %s event (bad fields: %s)", event.get("type"), ", ".join(fields))
         return None
-    thread_ts = event.get("thread_ts") or ts
-    is_dm = event.get("channel_type") == "im" or str(channel).startswith("D")
-    mentioned = event["type"] == "app_mention" or f"<@{bot_user_id}>" in text
-    if not (mentioned or is_dm or thread_ts != ts):
+    if not is_slack_id(team):
+        log.warning("dropped a %s event from a malformed workspace id", message.type)
+        return None
+    text = valid_text(message.text)
+    thread_ts = message.thread_ts or message.ts
+    is_dm = message.channel_type == "im" or message.channel.startswith("D")
+    mentioned = message.type == "app_mention" or f"<@{bot_user_id}>" in text
+    if not (mentioned or is_dm or thread_ts != message.ts):
         return None  # top-level channel chatter
     return Incoming(
-        key=ThreadKey(team=team, channel=channel, thread_ts=thread_ts),
-        ts=ts,
-        user_id=user,
+        key=ThreadKey(team=team, channel=message.channel, thread_ts=thread_ts),
+        ts=message.ts,
+        user_id=message.user,
         text=text,
         addressed=mentioned or is_dm,
         is_dm=is_dm,
@@ -137,8 +173,56 @@ def readable_markup(text: str, names: Mapping[str, str], bot_user_id: str) -> st
 
 
 def mentioned_users(text: str) -> set[str]:
-    """User ids mentioned with ``<@U…>`` in Slack markup."""
-    return {m.group(1).partition("|")[0][1:] for m in _MARKUP.finditer(text) if m.group(1).startswith("@")}
+    """User ids mentioned with ``<@U…>`` in Slack markup (well-formed ones only)."""
+    found = {m.group(1).partition("|")[0][1:] for m in _MARKUP.finditer(text) if m.group(1).startswith("@")}
+    return {user for user in found if is_slack_id(user)}
+
+
+# What would notify a whole channel or a group: Slack's markup for it, and the bare words Slack may turn
+# into it. Person mentions (<@U…>) stay: they notify one person, who is in the conversation anyway.
+_BROADCAST = re.compile(
+    r"<!(?P<special>channel|here|everyone)(?:\|[^<>]*)?>"
+    r"|<!subteam\^[A-Za-z0-9]+(?:\|@?(?P<group>[^<>]*))?>"
+    r"|(?<![\w@])@(?P<word>channel|here|everyone)\b"
+)
+WORD_JOINER = "\u2060"  # invisible; keeps "@here" readable but no longer a mention
+
+
+def safe_output(text: str) -> str:
+    """What the bot posts, made unable to notify a whole channel or group (the words stay readable),
+    and valid Unicode."""
+
+    def neutralise(match: re.Match[str]) -> str:
+        name = match.group("special") or match.group("word") or match.group("group") or "group"
+        return f"@{WORD_JOINER}{name}"
+
+    return _BROADCAST.sub(neutralise, valid_text(text))
+
+
+class OutputGuard:
+    """``safe_output`` for text that arrives in pieces: the end of a piece that may be the start of a
+    broadcast mention (``<!he``, ``@ever``) is held back until the next piece shows what it is."""
+
+    HELD_AT_MOST = 64
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        text = self._held + text
+        cut = len(text)
+        opening = text.rfind("<")
+        if opening != -1 and ">" not in text[opening:] and cut - opening <= self.HELD_AT_MOST:
+            cut = opening
+        at = text.rfind("@", 0, cut)
+        if at != -1 and re.fullmatch(r"@[a-z]{0,8}", text[at:cut]):
+            cut = at
+        self._held = text[cut:]
+        return safe_output(text[:cut])
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return safe_output(held)
 
 
 def split_message(text: str, limit: int, floor: int = 0) -> tuple[str, str]:
@@ -253,6 +337,7 @@ class SlackReplyStream:
         self._streaming = False  # the current message is a native stream (appendStream/stopStream)
         self._last_flush = float("-inf")
         self._status: asyncio.Task[None] | None = None
+        self._guard = OutputGuard()  # the model's text may try to notify a whole channel
 
     async def thinking(self) -> None:
         # Sent alongside the model request rather than before it; the first write waits for it, so the
@@ -269,6 +354,9 @@ class SlackReplyStream:
             log.debug("no thinking status here: %s", type(exc).__name__)
 
     async def append(self, text: str) -> None:
+        await self._add(self._guard.feed(text))
+
+    async def _add(self, text: str) -> None:
         self._text += text
         while len(self._text) > SPLIT_AT:
             head, tail = split_message(self._text, SPLIT_AT, floor=self._sent)
@@ -279,16 +367,18 @@ class SlackReplyStream:
             await self._flush()
 
     async def finish(self, footnote: str | None = None) -> None:
+        await self._add(self._guard.flush())
         if footnote:
-            await self.append(("\n\n" if self._text.strip() else "") + footnote)
+            await self._add(("\n\n" if self._text.strip() else "") + safe_output(footnote))
         await self._end("done")
 
     async def fail(self, message: str) -> None:
-        await self.append(("\n\n" if self._text.strip() else "") + f":warning: {message}")
+        await self._add(self._guard.flush())
+        await self._add(("\n\n" if self._text.strip() else "") + safe_output(f":warning: {message}"))
         await self._end("failed")
 
     async def notice(self, text: str) -> None:
-        self._text, self._sent = text, 0
+        self._text, self._sent = safe_output(text), 0
         if self._mode == "native":
             self._mode = "update"  # one short message, posted whole rather than streamed
         await self._end("notice")
@@ -502,7 +592,7 @@ class SlackAdapter:
             or user.get("real_name")
             or user.get("name")
         )
-        name = str(name or user_id)
+        name = valid_text(str(name or user_id))
         await self._names.cache_name(team, user_id, name)
         return name
 
@@ -564,7 +654,7 @@ class SlackAdapter:
         return (metadata.get("event_payload") or {}) if metadata.get("event_type") == REPLY_EVENT else {}
 
     def _thread_message(self, raw: Mapping[str, Any], names: Mapping[str, str]) -> SlackMessage:
-        text = readable_markup(raw.get("text") or "", names, self.bot_user_id)
+        text = readable_markup(valid_text(str(raw.get("text") or "")), names, self.bot_user_id)
         ts = str(raw.get("ts", ""))
         user = raw.get("user")
         if self._is_mine(raw):
@@ -572,13 +662,86 @@ class SlackAdapter:
         if user:
             return SlackMessage(ts, "user", user, names.get(user, user), text)
         bot_name = raw.get("username") or (raw.get("bot_profile") or {}).get("name") or "a bot"
-        return SlackMessage(ts, "user", str(raw.get("bot_id", "")), str(bot_name), text)
+        return SlackMessage(ts, "user", str(raw.get("bot_id", "")), valid_text(str(bot_name)), text)
 
     def reply_stream(self, incoming: Incoming, log: ReplyLog) -> SlackReplyStream:
         mode = self._stream_mode
         if mode == "auto" and incoming.key.channel in self._native_refused:
             mode = "update"
         return SlackReplyStream(self._client, incoming, mode, self._native_refused.add, log)
+
+    # What commands, the persona editor and App Home say and ask. Everything said is ``safe_output``.
+
+    async def respond(self, response_url: str, text: str) -> None:
+        """An answer only the person who used a command sees. It goes to the command's own
+        ``response_url``, which works where the bot is not a member (private channels, DMs)."""
+        webhook = AsyncWebhookClient(response_url, session=self._client.session, retry_handlers=_RETRIES)
+        try:
+            response = await webhook.send(text=safe_output(text), response_type="ephemeral")
+        except _FAILURES as exc:
+            raise _slack_error("response_url", exc) from exc
+        if response.status_code != 200:
+            raise SlackError(
+                "response_url", f"HTTP {response.status_code}", transient=response.status_code >= 500
+            )
+
+    async def tell(self, user: str, channel: str, text: str) -> None:
+        """An answer only ``user`` sees, where there is no ``response_url``: ephemeral in ``channel``,
+        or, where the bot may not post there, in the bot's direct messages with them."""
+        try:
+            await self._client.chat_postEphemeral(channel=channel, user=user, text=safe_output(text))
+        except _FAILURES as exc:
+            error = _slack_error("chat_postEphemeral", exc).error
+            log.info("no ephemeral answer possible here (%s); answering in a DM", error)
+            await _api(self._client, "chat_postMessage", channel=user, text=safe_output(text))
+
+    async def announce(self, channel: str, text: str) -> None:
+        """One line everybody in ``channel`` sees."""
+        await _api(self._client, "chat_postMessage", channel=channel, text=safe_output(text))
+
+    async def open_view(self, trigger_id: str, view: Mapping[str, Any]) -> None:
+        await _api(self._client, "views_open", trigger_id=trigger_id, view=view)
+
+    async def publish_home(self, user: str, view: Mapping[str, Any]) -> None:
+        await _api(self._client, "views_publish", user_id=user, view=view)
+
+    async def is_member(self, channel: str, user: str) -> bool:
+        """True when ``user`` is a member of ``channel``."""
+        cursor = None
+        while True:
+            page = await _api(
+                self._client, "conversations_members", channel=channel, cursor=cursor, limit=1000
+            )
+            if user in page.get("members", []):
+                return True
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not cursor:
+                return False
+
+    async def in_group(self, group: str, user: str) -> bool:
+        """True when ``user`` belongs to the user group ``group``."""
+        return user in (await _api(self._client, "usergroups_users_list", usergroup=group)).get("users", [])
+
+    async def dm_channel(self, user: str) -> str:
+        """The id of the bot's direct messages with ``user``."""
+        return str((await _api(self._client, "conversations_open", users=user))["channel"]["id"])
+
+    async def bot_channels(self) -> list[tuple[str, str]]:
+        """(id, name) of the channels the bot is in (the first 200)."""
+        page = await _api(
+            self._client, "users_conversations", types="public_channel,private_channel", limit=200
+        )
+        channels: list[dict[str, Any]] = page.get("channels", [])
+        return [(str(c["id"]), str(c.get("name") or c["id"])) for c in channels]
+
+
+async def _api(client: AsyncWebClient, method: str, **args: Any) -> AsyncSlackResponse:
+    """One Web API call, its failure a ``SlackError``."""
+    try:
+        response: AsyncSlackResponse = await getattr(client, method)(**args)
+    except _FAILURES as exc:
+        raise _slack_error(method, exc) from exc
+    return response
 
 
 # Calls that create something: repeating one after a failure that may have taken effect could post twice,
@@ -621,17 +784,17 @@ class _CountingWebClient(AsyncWebClient):
             raise
 
 
+_RETRIES: list[AsyncRetryHandler] = [
+    AsyncRateLimitErrorRetryHandler(max_retry_count=WRITE_RETRIES),
+    _SafeRetry(max_retry_count=WRITE_RETRIES),
+]
+
+
 def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
     """A Web API client whose calls survive rate limits (honouring ``Retry-After``), and 5xx and
     connection errors when repeating the call is safe; one shared HTTP ``session`` when given."""
     return _CountingWebClient(
-        token=token or None,
-        base_url=base_url,
-        session=session,
-        retry_handlers=[
-            AsyncRateLimitErrorRetryHandler(max_retry_count=WRITE_RETRIES),
-            _SafeRetry(max_retry_count=WRITE_RETRIES),
-        ],
+        token=token or None, base_url=base_url, session=session, retry_handlers=_RETRIES
     )
 
 

@@ -93,6 +93,7 @@ class FakeSlack:
         self.acks: dict[str, float] = {}
         self.ack_payloads: dict[str, dict[str, Any]] = {}  # envelope_id -> the payload sent with the ack
         self.members: dict[str, list[str]] = {}  # channel -> member ids (conversations.members)
+        self._responders: dict[str, str] = {}  # a command's response_url id -> who used the command
         self.usergroups: dict[str, list[str]] = {}  # usergroup id -> member ids
         self.bot_channels: list[dict[str, Any]] = []  # users.conversations: the channels the bot is in
         self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
@@ -141,6 +142,7 @@ class FakeSlack:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
+        app.router.add_post("/response/{id}", self._response)
         app.router.add_get("/socket", self._socket)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
@@ -283,7 +285,7 @@ class FakeSlack:
             "command": command,
             "text": text,
             "api_app_id": APP_ID,
-            "response_url": f"http://127.0.0.1:{self._port}/response",
+            "response_url": self._response_url(user),
             "trigger_id": f"trigger-{uuid.uuid4().hex[:8]}",
         }
         envelope_id = await self._send_envelope("slash_commands", payload)
@@ -297,6 +299,32 @@ class FakeSlack:
         envelope_id = await self._send_envelope("interactive", payload)
         await self.wait_ack(envelope_id)
         return self.ack_payloads[envelope_id]
+
+    def _response_url(self, user: str) -> str:
+        response_id = uuid.uuid4().hex[:12]
+        self._responders[response_id] = user
+        return f"http://127.0.0.1:{self._port}/response/{response_id}"
+
+    def responses(self, user: str | None = None) -> list[str]:
+        """The texts the app sent through commands' response_urls (to ``user``'s commands, if given)."""
+        return [
+            c.args.get("text", "") for c in self.calls_to("response_url") if user in (None, c.args["user"])
+        ]
+
+    async def _response(self, request: web.Request) -> web.Response:
+        """A command's response_url: records what the app answered, as a call named "response_url"."""
+        response_id = request.match_info["id"]
+        body = await request.json()
+        call = Call(
+            "response_url", {**body, "user": self._responders.get(response_id, "")}, time.monotonic(), None
+        )
+        self.calls.append(call)
+        for listener in self.call_listeners:
+            listener(call)
+        failures = self._http_failures.get("response_url")
+        if failures:
+            return self._http_failure(request, failures.popleft()[0])
+        return web.Response(text="ok")
 
     async def wait_ack(self, envelope_id: str, timeout: float = 5.0) -> float:  # noqa: ASYNC109
         await self.wait_for(lambda: envelope_id in self.acks, timeout, f"ack of envelope {envelope_id}")

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from bot.domain import ThreadKey
+from bot.params import PARAMS
 from tests.conftest import Harness
+from tests.fake_model import Reply
 from tests.fake_slack import TEAM_ID
 
 PERSONAS_FILE = "personas:\n  pirate:\n    system_prompt: You are a pirate.\n    temperature: 0.9\n"
@@ -21,7 +23,8 @@ def personas_file(tmp_path: Path) -> Path:
 
 
 def ephemerals(harness: Harness, user: str = "U1") -> list[str]:
-    return [c.args["text"] for c in harness.slack.calls_to("chat.postEphemeral") if c.args["user"] == user]
+    """What the bot answered ``user``'s commands, only to them."""
+    return harness.slack.responses(user)
 
 
 def announcements(harness: Harness, channel: str = "C1") -> list[str]:
@@ -33,18 +36,18 @@ def announcements(harness: Harness, channel: str = "C1") -> list[str]:
 
 
 async def persona(harness: Harness, text: str, *, channel: str = "C1", user: str = "U1") -> str:
-    """Run ``/persona text`` and return the ephemeral answer (or "" if it answered with a change)."""
+    """Run ``/persona text`` and return the answer only the user sees (or "" if it announced a change)."""
     before = len(harness.slack.calls)
     await harness.slack.send_command(text, channel=channel, user=user)
     await harness.slack.wait_for(
         lambda: any(
-            c.method in ("chat.postEphemeral", "chat.postMessage", "views.open")
+            c.method in ("response_url", "chat.postMessage", "views.open")
             for c in harness.slack.calls[before:]
         ),
         what=f"an answer to /persona {text}",
     )
-    new = [c for c in harness.slack.calls[before:] if c.method == "chat.postEphemeral"]
-    return new[-1].args["text"] if new else ""
+    new = [c for c in harness.slack.calls[before:] if c.method == "response_url"]
+    return str(new[-1].args["text"]) if new else ""
 
 
 async def ask(harness: Harness, text: str, **kwargs: Any) -> dict[str, Any]:
@@ -70,8 +73,10 @@ async def test_show_list_use_reset_and_the_model_follows(harness: Harness, tmp_p
         await persona(harness, "reset")
         request = await ask(harness, "hello?")
         assert request["messages"][0]["content"] == "You are a test bot." and "temperature" not in request
-    # Every answer to a command is ephemeral: only the caller saw it.
-    assert all(c.args["user"] in ("U1", "U2") for c in harness.slack.calls_to("chat.postEphemeral"))
+    # Every answer to a command went to the command's own response_url, ephemeral: only the caller saw it.
+    answers = harness.slack.calls_to("response_url")
+    assert answers and all(c.args["response_type"] == "ephemeral" for c in answers)
+    assert not harness.slack.calls_to("chat.postEphemeral")
 
 
 async def test_the_command_is_acked_without_waiting_for_slack_calls(harness: Harness) -> None:
@@ -109,11 +114,11 @@ async def test_set_create_delete_and_their_limits(harness: Harness, tmp_path: Pa
 async def test_only_admins_or_members_may_change(harness: Harness) -> None:
     harness.slack.members["C1"] = ["U1"]
     async with harness.running():
-        assert "Only members of this channel" in await persona(harness, "set Be brief.", user="U2")
+        assert "only members of this channel may" in await persona(harness, "set Be brief.", user="U2")
         assert "the default persona" in await persona(harness, "", user="U2")  # everybody may look
     harness.slack.usergroups["S1"] = ["U2"]
     async with harness.running(persona_admins="U3,S1"):
-        assert "Only PERSONA_ADMINS" in await persona(harness, "set Be brief.", user="U1")
+        assert "only PERSONA_ADMINS may" in await persona(harness, "set Be brief.", user="U1")
         await persona(harness, "set Be brief.", user="U2")  # in the admin user group
         await persona(harness, "set Be briefer.", user="U3")  # an admin by id
     assert announcements(harness)[-2:] == [
@@ -285,3 +290,83 @@ async def test_the_editor_offers_the_endpoints_models_fetched_once_a_while(harne
     assert [o["value"] for o in menu["options"]] == ["gpt-4o", "gpt-4o-mini", "o3-mini"]
     assert harness.model.list_requests == 1  # cached between the two editors
     assert request["model"] == "o3-mini"
+
+
+async def test_the_editor_offers_every_parameter_and_they_reach_the_model(harness: Harness) -> None:
+    harness.slack.members["C1"] = ["U1"]
+    async with harness.running():
+        await persona(harness, "edit")
+        opened = harness.slack.calls_to("views.open")[-1].args["view"]
+        values = {
+            "system_prompt": "Be exact.",
+            "logit_bias": '{"1234": -100}',
+            "seed": "7",
+            "reasoning_effort": "low",
+            "service_tier": "flex",
+            "max_tokens": "300",
+            "presence_penalty": "0.5",
+            "frequency_penalty": "-0.5",
+        }
+        assert await harness.slack.send_interaction(editor_submission("U1", "C1", **values)) == {}
+        await harness.slack.wait_for(lambda: len(announcements(harness)) == 1, what="the announcement")
+        request = await ask(harness, "go")
+    assert [b["block_id"] for b in opened["blocks"]] == [
+        "system_prompt",
+        *(p.name for p in PARAMS),
+        "save_as",
+    ]
+    assert request["logit_bias"] == {"1234": -100} and request["seed"] == 7
+    assert (request["reasoning_effort"], request["service_tier"]) == ("low", "flex")
+    assert (request["max_completion_tokens"], request["presence_penalty"], request["frequency_penalty"]) == (
+        300,
+        0.5,
+        -0.5,
+    )
+
+
+async def test_the_editor_refuses_inside_the_modal_whoever_may_not_change_the_channel(
+    harness: Harness,
+) -> None:
+    harness.slack.members["C2"] = ["U1"]  # U2 is not a member of C2
+    async with harness.running():
+        ack = await harness.slack.send_interaction(editor_submission("U2", "C2", system_prompt="Be rude."))
+        shown = await persona(harness, "", channel="C2")
+    assert ack["response_action"] == "errors"
+    assert "may not change the persona" in ack["errors"]["system_prompt"]
+    assert "Nothing was saved" in ack["errors"]["system_prompt"]
+    assert "the default persona" in shown and not announcements(harness, "C2")
+
+
+async def test_anyone_sets_their_own_dm_persona_even_with_persona_admins(harness: Harness) -> None:
+    async with harness.running(persona_admins="U9"):
+        await persona(harness, "set You are my coach.", channel="D1")
+        refused = await persona(harness, "set Be rude.", channel="C1")
+        in_dm = await ask(harness, "motivate me", channel="D1", mention=False)
+    assert in_dm["messages"][0]["content"] == "You are my coach."
+    assert "only PERSONA_ADMINS may" in refused
+
+
+async def test_an_unknown_persona_asked_for_in_a_thread_is_said_so_then_answered(harness: Harness) -> None:
+    harness.model.script(Reply(text="Answered anyway."))
+    async with harness.running():
+        request = await ask(harness, "persona:ghost who are you?")
+    (answer,) = [m["text"] for m in harness.slack.bot_messages("C1", request["ts"])]
+    assert answer == "_(There is no persona named ghost here, so I answer as default.)_\n\nAnswered anyway."
+    assert request["messages"][-1]["content"] == "alice: who are you?"
+
+
+async def test_command_answers_reach_the_user_where_the_bot_is_no_member(harness: Harness) -> None:
+    harness.slack.fail["chat.postEphemeral"] = "not_in_channel"  # a private channel or a group DM
+    async with harness.running():
+        shown = await persona(harness, "", channel="G1")
+    assert "the default persona" in shown
+
+
+async def test_what_commands_echo_never_notifies_a_channel(harness: Harness) -> None:
+    harness.slack.members["C1"] = ["U1"]
+    async with harness.running():
+        await persona(harness, "set Greet <!channel> and <!subteam^S1|@devs> first.")
+        shown = await persona(harness, "")
+        unknown = await persona(harness, "<!here>")
+    assert "<!" not in shown + unknown
+    assert "Greet @\u2060channel and @\u2060devs first." in shown

@@ -65,10 +65,8 @@ async def test_usage_command_shows_the_caller_and_admins_more(harness: Harness) 
         await harness.replies_done(2)
         for user in ("U1", "U2"):
             await harness.slack.send_command("", command="/usage", user=user)
-        await harness.slack.wait_for(
-            lambda: len(harness.slack.calls_to("chat.postEphemeral")) == 2, what="two reports"
-        )
-    mine, admin = (c.args["text"] for c in harness.slack.calls_to("chat.postEphemeral"))
+        await harness.slack.wait_for(lambda: len(harness.slack.responses()) == 2, what="two reports")
+    mine, admin = harness.slack.responses("U1") + harness.slack.responses("U2")
     assert "This channel: 1,500 tokens in 1 replies, about $0.00" in mine and "You: 1,500 tokens" in mine
     assert "Workspace" not in mine
     assert "Workspace: 1,515 tokens in 2 replies" in admin
