@@ -36,7 +36,7 @@ from bot.domain import (
     Usage,
     UsageLedger,
 )
-from bot.errors import ModelError
+from bot.errors import BotError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ class Responder:
                     await self._read_thread_if_unseen(incoming)
                 question = await self._question(incoming, text)
                 persona = await self.personas.resolve(incoming.key, requested)
-                check = await self._reserve(incoming, persona)
+                context = await self._context(incoming, persona, question, self.max_prompt_tokens)
+                check = await self._reserve(incoming, persona, context)
                 if not check.allowed:
                     await reply.notice(f":warning: {check.message}")
                     return
@@ -172,14 +173,25 @@ class Responder:
                 prelude = None
                 if requested and persona.name != requested:
                     prelude = UNKNOWN_PERSONA.format(name=requested, persona=persona.name)
-                spent = await self._reply(job, reply, persona, question, check, prelude)
+                spent = await self._reply(job, reply, persona, question, context, check, prelude)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
-            if self.usage is not None:
-                if spent is not None:
-                    await self.usage.settle(incoming.key, incoming.user_id, *spent, check)
-                else:
-                    await self.usage.release(incoming.key, incoming.user_id, check)
+            await self._account(incoming, check, spent)
+
+    async def _account(
+        self, incoming: Incoming, check: BudgetCheck, spent: tuple[str, Usage, int] | None
+    ) -> None:
+        """Record what a reply used, or give its reservation back. A failure here is logged, not raised:
+        it must neither hide why a reply failed nor fail a reply that was given."""
+        if self.usage is None:
+            return
+        try:
+            if spent is not None:
+                await self.usage.settle(incoming.key, incoming.user_id, *spent, check)
+            else:
+                await self.usage.release(incoming.key, incoming.user_id, check)
+        except BotError as exc:
+            log.warning("could not record usage in %s: %s", incoming.key, exc)
 
     async def apologise(self, job: Job, message: str) -> None:
         """Replace whatever the job's attempts wrote with one short apology (it failed every attempt)."""
@@ -200,6 +212,7 @@ class Responder:
         reply: ReplyStream,
         persona: Persona,
         question: Turn,
+        context: Context,
         check: BudgetCheck,
         prelude: str | None,
     ) -> tuple[str, Usage, int] | None:
@@ -210,7 +223,9 @@ class Responder:
         if prelude:
             await reply.append(prelude + "\n\n")
         try:
-            answer, end, context = await self._answer(incoming, persona, question, reply, check.notice)
+            answer, end, context = await self._answer(
+                incoming, persona, question, context, reply, check.notice
+            )
         except ModelError as exc:
             log.warning("model failed in %s: %s", incoming.key, exc)
             await reply.fail(exc.user_message)
@@ -224,12 +239,20 @@ class Responder:
         )
         return end.model or self.model.model_for(persona), usage, int(context.trimmed)
 
-    async def _reserve(self, incoming: Incoming, persona: Persona) -> BudgetCheck:
-        """Check the budgets and reserve this reply's worst case: the whole prompt budget and reply."""
+    async def _reserve(self, incoming: Incoming, persona: Persona, context: Context) -> BudgetCheck:
+        """Check the budgets and reserve what this reply can use: its context and its longest answer."""
         if self.usage is None:
             return BudgetCheck(True)
-        worst = self.max_prompt_tokens + (persona.max_tokens or REPLY_TOKENS_ESTIMATE)
+        worst = context.estimated_tokens + (self.model.reply_cap(persona) or REPLY_TOKENS_ESTIMATE)
         return await self.usage.reserve(incoming.key, incoming.user_id, self.model.model_for(persona), worst)
+
+    async def _context(self, incoming: Incoming, persona: Persona, question: Turn, budget: int) -> Context:
+        """The messages for the model within ``budget``: the thread's newest turns that fit."""
+        # The question may be stored already (a retried job); the context carries it last, whatever came
+        # after it.
+        recent = await self.history.recent(incoming.key, budget + question.tokens)
+        history = [turn for turn in recent if turn.ts != question.ts]
+        return build_context(persona.system_prompt, history, question, budget, self.counter)
 
     async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
         """Asked in a thread it remembers nothing of, the bot first stores what was said before."""
@@ -250,17 +273,19 @@ class Responder:
         return replace(turn, tokens=self.counter.message_tokens(role, turn.content))
 
     async def _answer(
-        self, incoming: Incoming, persona: Persona, question: Turn, reply: ReplyStream, notice: str | None
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        question: Turn,
+        context: Context,
+        reply: ReplyStream,
+        notice: str | None,
     ) -> tuple[Turn, StreamEnd, Context]:
         """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""
         budget = self.max_prompt_tokens
+        end_user = f"{incoming.key.team}:{incoming.user_id}"
         while True:
-            # The question is stored already; the context carries it last, whatever came after it.
-            recent = await self.history.recent(incoming.key, budget + question.tokens)
-            history = [turn for turn in recent if turn.ts != question.ts]
-            context = build_context(persona.system_prompt, history, question, budget, self.counter)
             try:
-                end_user = f"{incoming.key.team}:{incoming.user_id}"
                 answer, end = await self._stream(context, persona, reply, end_user, notice)
                 return answer, end, context
             except ModelError as exc:
@@ -268,6 +293,7 @@ class Responder:
                     raise
                 log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
                 budget //= 2
+                context = await self._context(incoming, persona, question, budget)
 
     async def _stream(
         self, context: Context, persona: Persona, reply: ReplyStream, end_user: str, notice: str | None

@@ -224,6 +224,10 @@ class ChatModel(Protocol):
         """The model a reply with ``persona`` will ask for."""
         ...
 
+    def reply_cap(self, persona: Persona) -> int | None:
+        """The most tokens a reply with ``persona`` may have, when anything caps it."""
+        ...
+
     def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:

@@ -140,6 +140,9 @@ class OpenAIChat:
         """The model a request for ``persona`` asks for."""
         return persona.model or self._defaults.model or ""
 
+    def reply_cap(self, persona: Persona) -> int | None:
+        return persona.max_tokens or self._defaults.max_tokens
+
     def request(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> dict[str, Any]:

@@ -194,26 +194,34 @@ class PersonaStore:
     async def named(self, team: str) -> dict[str, tuple[Persona, str]]:
         """Every named persona -> (persona, "file" or "slack"); a Slack one shadows a file one."""
         found = {name: (persona, "file") for name, persona in self.files.named.items()}
-        for name, raw in (await self._redis.hgetall(self._key(team, "named"))).items():
+        with redis_errors("reading the named personas"):
+            stored = await self._redis.hgetall(self._key(team, "named"))
+        for name, raw in stored.items():
             persona = _load(orjson.loads(raw))
             if persona is not None:
                 found[str(name)] = (persona, "slack")
         return dict(sorted(found.items()))
 
     async def find(self, team: str, name: str) -> Persona | None:
-        raw = await self._redis.hget(self._key(team, "named"), name)
+        with redis_errors("reading a persona"):
+            raw = await self._redis.hget(self._key(team, "named"), name)
         return _load(orjson.loads(raw)) if raw else self.files.named.get(name)
 
     async def save_named(self, team: str, persona: Persona) -> None:
-        await self._redis.hset(self._key(team, "named"), persona.name, orjson.dumps(_dump(persona)).decode())
+        with redis_errors("saving a persona"):
+            await self._redis.hset(
+                self._key(team, "named"), persona.name, orjson.dumps(_dump(persona)).decode()
+            )
 
     async def delete_named(self, team: str, name: str) -> bool:
         """Delete a persona made in Slack; False when there is none (file personas cannot be deleted)."""
-        return bool(await self._redis.hdel(self._key(team, "named"), name))
+        with redis_errors("deleting a persona"):
+            return bool(await self._redis.hdel(self._key(team, "named"), name))
 
     async def assignment(self, team: str, channel: str) -> Assignment:
         """The channel's persona as set in Slack, else by the file, else the default."""
-        raw = await self._redis.get(self._key(team, "channel", channel))
+        with redis_errors("reading a channel's persona"):
+            raw = await self._redis.get(self._key(team, "channel", channel))
         if raw:
             data = orjson.loads(raw)
             persona = _load(data["persona"])
@@ -239,19 +247,21 @@ class PersonaStore:
             "after": _dump(change.after),
             "action": action,
         }
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(
-                self._key(team, "channel", channel),
-                orjson.dumps({"persona": _dump(persona), "by": by, "at": now}),
-            )
-            pipe.lpush(self._key(team, "audit", channel), orjson.dumps(entry))
-            pipe.ltrim(self._key(team, "audit", channel), 0, AUDIT_KEPT - 1)
-            await pipe.execute()
+        with redis_errors("changing a channel's persona"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.set(
+                    self._key(team, "channel", channel),
+                    orjson.dumps({"persona": _dump(persona), "by": by, "at": now}),
+                )
+                pipe.lpush(self._key(team, "audit", channel), orjson.dumps(entry))
+                pipe.ltrim(self._key(team, "audit", channel), 0, AUDIT_KEPT - 1)
+                await pipe.execute()
         return change
 
     async def history(self, team: str, channel: str, count: int = 10) -> list[Change]:
         """The channel's latest changes, newest first."""
-        raws = await self._redis.lrange(self._key(team, "audit", channel), 0, count - 1)
+        with redis_errors("reading a channel's persona history"):
+            raws = await self._redis.lrange(self._key(team, "audit", channel), 0, count - 1)
         changes = []
         for raw in raws:
             data = orjson.loads(raw)

@@ -46,7 +46,8 @@ NOTICE_AT = 0.8
 SCOPE_NAMES = {"all": "workspace", "ch": "channel", "u": "user"}
 
 # KEYS[1]: the month hash. ARGV: tokens, micro_usd, then per cap (field prefix, cap tokens or -1, cap
-# micro_usd or -1), then the notice ratio. Returns {denied prefix or "", "tokens"/"USD", warned prefix or ""}.
+# micro_usd or -1), then the notice ratio. Returns {denied prefix or "", "tokens"/"USD", warned prefix or "",
+# why denied: "spent" (used up) or "reserved" (what is left is held by replies in progress)}.
 _RESERVE = """
 local tokens, micro = tonumber(ARGV[1]), tonumber(ARGV[2])
 local warned = ''
@@ -57,8 +58,10 @@ for i = 3, #ARGV - 1, 3 do
   local pending = tonumber(redis.call('HGET', KEYS[1], 'pending:' .. scope .. ':tokens')) or 0
   local spent = tonumber(redis.call('HGET', KEYS[1], scope .. ':micro_usd')) or 0
   local pending_micro = tonumber(redis.call('HGET', KEYS[1], 'pending:' .. scope .. ':micro_usd')) or 0
-  if cap_tokens >= 0 and used + pending >= cap_tokens then return {scope, 'tokens', ''} end
-  if cap_micro >= 0 and spent + pending_micro >= cap_micro then return {scope, 'USD', ''} end
+  if cap_tokens >= 0 and used >= cap_tokens then return {scope, 'tokens', '', 'spent'} end
+  if cap_micro >= 0 and spent >= cap_micro then return {scope, 'USD', '', 'spent'} end
+  if cap_tokens >= 0 and used + pending >= cap_tokens then return {scope, 'tokens', '', 'reserved'} end
+  if cap_micro >= 0 and spent + pending_micro >= cap_micro then return {scope, 'USD', '', 'reserved'} end
   if warned == '' and ((cap_tokens > 0 and used >= cap_tokens * tonumber(ARGV[#ARGV])) or
                        (cap_micro > 0 and spent >= cap_micro * tonumber(ARGV[#ARGV]))) then
     warned = scope
@@ -68,7 +71,7 @@ for i = 3, #ARGV - 1, 3 do
   redis.call('HINCRBY', KEYS[1], 'pending:' .. ARGV[i] .. ':tokens', tokens)
   redis.call('HINCRBY', KEYS[1], 'pending:' .. ARGV[i] .. ':micro_usd', micro)
 end
-return {'', '', warned}
+return {'', '', warned, ''}
 """
 
 
@@ -170,19 +173,27 @@ class RedisUsage:
         for cap in caps:
             args += list(cap)
         args.append(NOTICE_AT)
+        month = self.key(key.team, month_of(now))
         with redis_errors("checking budgets"):
-            denied, kind, warned = await self._reserve(keys=[self.key(key.team, month_of(now))], args=args)
+            denied, kind, warned, why = await self._reserve(keys=[month], args=args)
+            told = f"{month}:notice:{key.channel}:{key.thread_ts}"
+            first_notice = bool(warned) and bool(await self._redis.set(told, 1, nx=True, ex=32 * 24 * 3600))
         if denied:
             BUDGET_REFUSALS.inc()
             scope = SCOPE_NAMES[str(denied).split(":")[0]]
+            if why == "reserved":
+                return BudgetCheck(
+                    False,
+                    f"What is left of this {scope}'s monthly {kind} budget is held by answers in progress, "
+                    "so I can't start another one now. Please ask again in a minute.",
+                )
             return BudgetCheck(
                 False,
                 f"The monthly {kind} budget for this {scope} is used up, so I can't answer now. "
                 f"It resets on {next_month(now)}.",
             )
         notice = None
-        told = f"{self.key(key.team, month_of(now))}:notice:{key.channel}:{key.thread_ts}"
-        if warned and await self._redis.set(told, 1, nx=True, ex=32 * 24 * 3600):  # once per thread
+        if first_notice:  # once per thread
             scope = SCOPE_NAMES[str(warned).split(":")[0]]
             notice = f"_Note: this {scope} has used over {NOTICE_AT:.0%} of its monthly budget._"
         return BudgetCheck(True, notice=notice, reserved=tokens, reserved_micro_usd=cost)

@@ -129,6 +129,9 @@ class ScriptedModel:
     def model_for(self, persona: Persona) -> str:
         return persona.model or "scripted-model"
 
+    def reply_cap(self, persona: Persona) -> int | None:
+        return persona.max_tokens
+
     async def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:

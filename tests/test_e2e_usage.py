@@ -116,10 +116,12 @@ async def test_two_requests_at_the_edge_overshoot_by_at_most_one_reply(harness: 
             lambda: len(harness.answers("C1") + harness.answers("C2")) == 2, what="both"
         )
     answers = sorted(harness.answers("C1") + harness.answers("C2"))
-    assert (
-        answers[0].startswith(":warning: The monthly tokens budget for this workspace")
-        and answers[1] == "slow"
+    # The refusal says what is true: nothing is used yet, the other answer holds what is left.
+    assert answers[0] == (
+        ":warning: What is left of this workspace's monthly tokens budget is held by answers in progress, "
+        "so I can't start another one now. Please ask again in a minute."
     )
+    assert answers[1] == "slow"
     assert len(harness.model.requests) == 1
     figures = await month(harness)
     assert figures["all:prompt"] + figures["all:completion"] == 120 and figures["pending:all:tokens"] == 0
@@ -132,3 +134,16 @@ async def test_a_failed_reply_records_nothing_and_releases_its_reservation(harne
         await harness.replies_done(1)
     figures = await month(harness)
     assert "all:replies" not in figures and figures["pending:all:tokens"] == 0
+
+
+async def test_replies_reserve_what_they_can_use_not_the_whole_prompt_budget(harness: Harness) -> None:
+    # 20,000 tokens a month for the channel, while every reply may use up to MAX_PROMPT_TOKENS (16,000):
+    # reserving that would refuse the second of two questions asked at once, at 0% used.
+    harness.model.default_reply = Reply(
+        text="ok", prompt_tokens=40, completion_tokens=2, first_token_delay=0.5
+    )
+    async with harness.running(budget_channel_tokens=20_000, max_reply_tokens=500):
+        await asyncio.gather(*(harness.say(f"question {i}") for i in range(3)))
+        await harness.slack.wait_for(lambda: len(harness.answers()) == 3, what="three answers")
+    assert harness.answers() == ["ok", "ok", "ok"]
+    assert (await month(harness))["pending:ch:C1:tokens"] == 0
