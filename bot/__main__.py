@@ -14,8 +14,12 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
-from bot.errors import BotError, ConfigError
+from bot.errors import BotError, ConfigError, StartupError
+
+if TYPE_CHECKING:
+    from bot.settings import Serving, Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,33 +49,46 @@ def _parser() -> argparse.ArgumentParser:
     chat = commands.add_parser("chat", help="talk to the model in the terminal, through the same pipeline")
     chat.add_argument("--persona", help="a named persona to use")
     chat.add_argument("--channel", help="use the persona of this Slack channel id")
+    chat.add_argument(
+        "--team",
+        metavar="TEAM_ID",
+        help="the Slack workspace id (T...) whose personas to use; "
+        "default: the one SLACK_BOT_TOKEN belongs to, else 'local'",
+    )
     check = commands.add_parser("check", help="verify the whole set-up; exit code 0 only when all pass")
     check.add_argument("--http", action="store_true", help="check for HTTP mode instead of Socket Mode")
     return parser
 
 
-async def _chat(args: argparse.Namespace) -> int:
-    from bot.chat import chat
+def _settings(serving: Serving) -> Settings:
+    """The settings, read once; and tiktoken told where the bot keeps its encoding files (tiktoken reads
+    its cache directory from the environment, and the setting may come from .env)."""
     from bot.settings import load_settings
 
-    return await chat(load_settings(serving="model"), persona=args.persona, channel=args.channel)
+    settings = load_settings(serving=serving)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(settings.tiktoken_cache_dir)
+    return settings
+
+
+async def _chat(args: argparse.Namespace) -> int:
+    from bot.chat import chat
+
+    return await chat(_settings("model"), persona=args.persona, channel=args.channel, team=args.team)
 
 
 async def _models() -> int:
     from bot.check import models_lines
-    from bot.settings import load_settings
 
-    for line in await models_lines(load_settings(serving="model")):
+    for line in await models_lines(_settings("model")):
         print(line)
     return 0
 
 
 async def _check(args: argparse.Namespace) -> int:
     from bot.check import run_checks
-    from bot.settings import load_settings
 
     try:
-        settings = load_settings(serving="http" if args.http else "socket")
+        settings = _settings("http" if args.http else "socket")
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"FAIL settings: {problem}")
@@ -87,12 +104,11 @@ async def _serve(args: argparse.Namespace) -> None:
     from bot.observability import configure_logging
     from bot.processes import run, run_worker
     from bot.services import open_services
-    from bot.settings import Serving, load_settings
 
     serving: Serving = "worker" if args.command == "worker" else "http" if args.http else "socket"
     if args.command == "run" and args.workers is not None and args.workers < 0:
         raise ConfigError(["--workers must be 0 or more"])
-    settings = load_settings(serving=serving)
+    settings = _settings(serving)
     configure_logging(settings.log_level, settings.log_format)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -131,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except StartupError as exc:
+        print(f"The bot cannot start: {exc}", file=sys.stderr)
+        return 1
     except BotError as exc:
         print(f"The bot stopped: {exc}", file=sys.stderr)
         return 1

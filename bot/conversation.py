@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 from bot.domain import (
     REPLY_PRIMING_TOKENS,
@@ -45,6 +46,14 @@ REPLY_TOKENS_ESTIMATE = 1000  # a reply's size for budget reservations when the 
 LENGTH_NOTE = "_(The answer was cut off at the reply token limit.)_"
 UNKNOWN_PERSONA = "_(There is no persona named {name} here, so I answer as {persona}.)_"
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
+
+
+class Spent(NamedTuple):
+    """What an answer used: the model that gave it, its tokens, and whether older turns were trimmed."""
+
+    model: str
+    usage: Usage
+    trimmed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,9 +147,10 @@ class Responder:
         self.max_prompt_tokens = max_prompt_tokens
         self.usage = usage
 
-    async def respond(self, job: Job) -> None:
+    async def respond(self, job: Job) -> Spent | None:
         """Answer the job's message in its thread; a retried job finishes what the attempt before it
-        started (it never stores the question twice nor leaves a half-written message behind)."""
+        started (it never stores the question twice nor leaves a half-written message behind). What the
+        answer used, or None when there was none (a notice, a refusal, a model failure)."""
         incoming = job.incoming
         check, spent = BudgetCheck(True), None
         try:
@@ -150,7 +160,7 @@ class Responder:
                     await self.history.progress(incoming.key, job.id) if job.attempt > 1 else JobProgress()
                 )
                 if progress.answered:
-                    return  # an earlier attempt answered; only its acknowledgement was lost
+                    return None  # an earlier attempt answered; only its acknowledgement was lost
                 reply = self.slack.reply_stream(incoming, self._reply_log(job, progress))
                 text = await self.slack.readable(incoming.key.team, incoming.text)
                 requested = None
@@ -158,7 +168,7 @@ class Responder:
                     requested, text = split_persona_request(text)
                 if not text.strip():
                     await reply.notice(EMPTY_MENTION_HINT)
-                    return
+                    return None
                 if incoming.in_thread:
                     await self._read_thread_if_unseen(incoming)
                 question = await self._question(incoming, text)
@@ -167,7 +177,7 @@ class Responder:
                 check = await self._reserve(incoming, persona, context)
                 if not check.allowed:
                     await reply.notice(f":warning: {check.message}")
-                    return
+                    return None
                 if not progress.question_stored:
                     await self.history.store_question(incoming.key, job.id, question)
                 prelude = None
@@ -177,10 +187,9 @@ class Responder:
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             await self._account(incoming, check, spent)
+        return spent
 
-    async def _account(
-        self, incoming: Incoming, check: BudgetCheck, spent: tuple[str, Usage, int] | None
-    ) -> None:
+    async def _account(self, incoming: Incoming, check: BudgetCheck, spent: Spent | None) -> None:
         """Record what a reply used, or give its reservation back. A failure here is logged, not raised:
         it must neither hide why a reply failed nor fail a reply that was given."""
         if self.usage is None:
@@ -215,8 +224,8 @@ class Responder:
         context: Context,
         check: BudgetCheck,
         prelude: str | None,
-    ) -> tuple[str, Usage, int] | None:
-        """Answer and store; what the reply used (model, usage, trimmed), or None when the model failed.
+    ) -> Spent | None:
+        """Answer and store; what the reply used, or None when the model failed.
         ``prelude`` is a line for the asker before the answer (not part of it)."""
         incoming = job.incoming
         await reply.thinking()
@@ -237,7 +246,7 @@ class Responder:
             - self.counter.message_tokens("assistant", ""),
             estimated=True,
         )
-        return end.model or self.model.model_for(persona), usage, int(context.trimmed)
+        return Spent(end.model or self.model.model_for(persona), usage, int(context.trimmed))
 
     async def _reserve(self, incoming: Incoming, persona: Persona, context: Context) -> BudgetCheck:
         """Check the budgets and reserve what this reply can use: its context and its longest answer."""

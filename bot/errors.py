@@ -5,6 +5,7 @@ last-resort handlers (the worker's, the ingress's) only ever deal with this tree
 
     BotError                 base; ``user_message`` is what a Slack user may be shown
     ├── ConfigError          bad or missing settings; the operator sees it at start-up, users never do
+    ├── StartupError         Slack, Redis or a token refused the bot at start-up: one line for the operator
     ├── HistoryError         Redis failed; the job is tried again later, users are told nothing yet
     │   └── ThreadBusy       the thread stayed locked by an earlier reply for too long
     ├── ModelError           the model endpoint failed; ``kind`` names the problem users are told about
@@ -59,6 +60,11 @@ class ConfigError(BotError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"The bot cannot start; fix these settings (environment or .env):\n{lines}")
+
+
+class StartupError(BotError):
+    """Something outside the bot stops it at start-up (Slack or Redis unreachable, a token refused, a
+    scope missing); the message is one line that names the setting or URL and says what to do."""
 
 
 class HistoryError(BotError):

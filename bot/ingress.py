@@ -30,7 +30,7 @@ from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.errors import HistoryError
+from bot.errors import HistoryError, SlackError, StartupError
 from bot.jobs import JobQueue
 from bot.llm import list_models
 from bot.observability import (
@@ -214,7 +214,17 @@ class SocketModeIngress:
 
     async def start(self) -> None:
         # slack_sdk retries a refused app token forever; checking it once makes start-up fail clearly.
-        await check_app_token(self._app.client, self._app_token)
+        try:
+            await check_app_token(self._app.client, self._app_token)
+        except SlackError as exc:
+            if exc.transient:
+                raise StartupError(
+                    f"cannot reach Slack for Socket Mode: {exc.error}; check the network"
+                ) from exc
+            raise StartupError(
+                f"Slack refused SLACK_APP_TOKEN ({exc.error}): create an app-level token with "
+                "connections:write under 'Basic Information', or run with --http"
+            ) from exc
         self._handler = AsyncSocketModeHandler(self._app, self._app_token)
         await self._handler.connect_async()  # type: ignore[no-untyped-call]
         log.info("connected to Slack in Socket Mode")

@@ -90,9 +90,9 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # One INFO line per HTTP request (the model client's, via httpx) is noise at INFO.
+    # One INFO line per HTTP request (the model client's, via httpx) or retry (slack_sdk's) is noise.
     quiet = logging.DEBUG if level == "DEBUG" else logging.WARNING
-    for name in ("httpx", "httpx2", "openai", "aiohttp.access"):
+    for name in ("httpx", "httpx2", "openai", "aiohttp.access", "slack_sdk.web", "slack_sdk.http_retry"):
         logging.getLogger(name).setLevel(quiet)
 
 

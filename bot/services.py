@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import redis.asyncio as redis
@@ -22,13 +23,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import Responder
 from bot.domain import ChatModel, Persona, SlackPort
+from bot.errors import HistoryError, SlackError, StartupError
 from bot.history import RedisHistory, open_redis
 from bot.jobs import JobQueue
 from bot.llm import OpenAIChat, make_client
 from bot.params import PARAMS, persona_value
 from bot.personas import FilePersonas, PersonaStore
 from bot.settings import Settings, secret_value
-from bot.slack import BotIdentity, SlackAdapter, fetch_identity, web_client
+from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 from bot.usage import Budgets, RedisUsage, load_prices
 
@@ -74,6 +76,40 @@ async def token_counter(settings: Settings) -> TiktokenCounter:
     """The tokenizer for the configured model, loaded offline (off the event loop: it reads files)."""
     encoding = encoding_name_for(settings.openai_model, settings.token_encoding)
     return TiktokenCounter(await asyncio.to_thread(load_encoding, encoding, settings.tiktoken_cache_dir))
+
+
+def redacted(url: str) -> str:
+    """``url`` without the password it may carry (``redis://:secret@host``), for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def _identity(settings: Settings, web: AsyncWebClient) -> BotIdentity:
+    """Who the bot is, or a ``StartupError`` saying why Slack would not say: unreachable, the token
+    refused, or a scope the bot needs missing."""
+    try:
+        identity = await fetch_identity(web)
+    except SlackError as exc:
+        if exc.transient:
+            raise StartupError(
+                f"cannot reach Slack at SLACK_API_URL {settings.slack_api_url}: {exc.error}; "
+                "check the URL and this machine's network"
+            ) from exc
+        raise StartupError(
+            f"Slack refused SLACK_BOT_TOKEN ({exc.error}): copy the Bot User OAuth Token again from your "
+            "app's 'OAuth & Permissions' page, or reinstall the app"
+        ) from exc
+    missing = sorted(set(REQUIRED_SCOPES) - identity.scopes)
+    if identity.scopes and missing:
+        raise StartupError(
+            f"the bot token lacks the scopes {', '.join(missing)}: add them under 'OAuth & Permissions' "
+            "(manifest.yaml lists them all) and reinstall the app"
+        )
+    return identity
 
 
 @dataclass
@@ -126,7 +162,13 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
     files = FilePersonas.load(settings.system_prompt, settings.personas_file)
     prices = load_prices(settings.prices_file)
     async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(open_redis(settings.redis_url, settings.data_dir))
+        try:
+            client = await stack.enter_async_context(open_redis(settings.redis_url, settings.data_dir))
+        except HistoryError as exc:
+            where = (
+                f"REDIS_URL {redacted(settings.redis_url)}" if settings.redis_url else "the embedded Redis"
+            )
+            raise StartupError(f"cannot reach {where} ({exc}): start it, or fix REDIS_URL") from exc
         openai_client = model_client(settings)
         stack.push_async_callback(openai_client.close)
         history = RedisHistory(
@@ -161,7 +203,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
             session = await stack.enter_async_context(aiohttp.ClientSession())
             web = slack_client(settings, session)
-            identity = await fetch_identity(web)
+            identity = await _identity(settings, web)
             adapter = SlackAdapter(
                 web,
                 history,

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, Validation
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
-from bot.params import LogitBias, Penalty, ReplyTokens, StopSequences, Temperature, TopP
+from bot.params import PARAMS, LogitBias, Penalty, ReplyTokens, StopSequences, Temperature, TopP
 
 StreamMode = Literal["auto", "native", "update", "off"]
 # What a process does, which decides the settings it needs: Slack ingress over Socket Mode or HTTP (with
@@ -28,6 +28,7 @@ DEFAULT_SYSTEM_PROMPT = (
     "Messages from people start with the speaker's name."
 )
 
+_AS_JSON = {"lines": ', as JSON, e.g. ["END"]', "json": ', e.g. {"1234": -100}'}
 # How to fix each setting, shown next to its problem.
 _HINTS: dict[str, str] = {
     "SLACK_BOT_TOKEN": "the Bot User OAuth Token (xoxb-...) from your Slack app's 'OAuth & Permissions' page",
@@ -45,7 +46,7 @@ _HINTS: dict[str, str] = {
     "JOB_MAX_ATTEMPTS": "a whole number from 1 to 20",
     "WORKER_CONCURRENCY": "a whole number from 1 to 10000",
     "LOG_FORMAT": "text or json",
-}
+} | {param.setting.upper(): param.allowed + _AS_JSON.get(param.widget, "") for param in PARAMS}
 
 
 class Settings(BaseSettings):
@@ -164,14 +165,24 @@ class Settings(BaseSettings):
     @field_validator("*", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object, info: ValidationInfo) -> object:
-        # `KEY=` in .env means "not set" for every setting whose default is "not set".
-        unset_by_default = info.field_name is not None and cls.model_fields[info.field_name].default is None
-        return None if value == "" and unset_by_default else value
+        # `KEY=` (as .env.example has it) means "not set": the setting's default, whatever it is.
+        if value == "" and info.field_name is not None:
+            return cls.model_fields[info.field_name].get_default(call_default_factory=True)
+        return value
 
 
 def secret_value(value: SecretStr | None) -> str:
     """The secret itself, or "" when unset; for handing to a client, never to a log."""
     return value.get_secret_value() if value is not None else ""
+
+
+def _placeholder(secret: str) -> bool:
+    """True for a value like .env.example's ``xoxb-...``: a prefix and three dots, never a real one."""
+    return secret.endswith("...")
+
+
+def _still_placeholder(name: str) -> str:
+    return f"{name} is still .env.example's placeholder: set it to {_HINTS[name]}"
 
 
 def _problems_for_run(settings: Settings, serving: Serving) -> list[str]:
@@ -182,6 +193,10 @@ def _problems_for_run(settings: Settings, serving: Serving) -> list[str]:
     token = secret_value(settings.slack_bot_token)
     if not token:
         problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")
+    elif _placeholder(token):
+        problems.append(
+            f"SLACK_BOT_TOKEN is still .env.example's placeholder: set it to {_HINTS['SLACK_BOT_TOKEN']}"
+        )
     elif not token.startswith("xoxb-"):
         problems.append(f"SLACK_BOT_TOKEN must start with xoxb-: use {_HINTS['SLACK_BOT_TOKEN']}")
     if serving == "http" and not secret_value(settings.slack_signing_secret):
@@ -196,6 +211,8 @@ def _problems_for_run(settings: Settings, serving: Serving) -> list[str]:
                 f"SLACK_APP_TOKEN is missing (needed for Socket Mode; or run with --http): "
                 f"set it to {_HINTS['SLACK_APP_TOKEN']}"
             )
+        elif _placeholder(app_token):
+            problems.append(_still_placeholder("SLACK_APP_TOKEN"))
         elif not app_token.startswith("xapp-"):
             problems.append(f"SLACK_APP_TOKEN must start with xapp-: use {_HINTS['SLACK_APP_TOKEN']}")
     if serving == "worker" and not settings.redis_url:
@@ -217,6 +234,10 @@ def _model_problems(settings: Settings, problems: list[str]) -> list[str]:
             )
     elif not secret_value(settings.openai_api_key) and not settings.openai_base_url:
         problems.append(f"OPENAI_API_KEY is missing: set it to {_HINTS['OPENAI_API_KEY']}")
+    elif _placeholder(secret_value(settings.openai_api_key)):
+        problems.append(
+            f"OPENAI_API_KEY is still .env.example's placeholder: set it to {_HINTS['OPENAI_API_KEY']}"
+        )
     if settings.personas_file is not None and not settings.personas_file.is_file():
         problems.append(f"PERSONAS_FILE {settings.personas_file} does not exist: point it at a YAML file")
     return problems

@@ -294,8 +294,21 @@ def _slack_error(method: str, exc: Exception) -> SlackError:
         status = int(getattr(exc.response, "status_code", 200) or 200)
         error = str(exc.response.get("error") or f"HTTP {status}")
     else:
-        error = type(exc).__name__
+        error = _unreachable(exc)
     return SlackError(method.replace("_", "."), error, transient=_transient(exc))
+
+
+def _unreachable(exc: Exception) -> str:
+    """Why Slack could not be reached, in words an operator can act on."""
+    if isinstance(exc, aiohttp.ClientSSLError | aiohttp.ClientConnectorCertificateError):
+        return "TLS failed (a proxy, or a missing CA certificate?)"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "the host name does not resolve"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "the connection was refused"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return f"the connection failed ({type(exc).__name__})"
 
 
 def reply_metadata(job_id: str, part: int, state: str) -> dict[str, Any]:

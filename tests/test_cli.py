@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from bot.settings import Settings
 from bot.slack import REQUIRED_SCOPES
 from tests.conftest import Harness
 from tests.procs import clean_env
@@ -25,16 +27,55 @@ async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: ob
     assert "Traceback" not in stderr
 
 
-@pytest.mark.parametrize("method", ["auth.test", "apps.connections.open"])
-async def test_a_refused_slack_token_stops_the_bot_with_a_clear_message(
-    harness: Harness, tmp_path: object, method: str
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        ("bot token refused", "Slack refused SLACK_BOT_TOKEN (invalid_auth): copy the Bot User OAuth Token"),
+        ("app token refused", "Slack refused SLACK_APP_TOKEN (invalid_auth): create an app-level token"),
+        ("scope missing", "the bot token lacks the scopes commands: add them under 'OAuth & Permissions'"),
+        ("connection refused", "cannot reach Slack at SLACK_API_URL http://127.0.0.1:1/api/: the connection"),
+        ("name unknown", "cannot reach Slack at SLACK_API_URL http://slack.invalid/api/: the host name"),
+        ("redis refused", "cannot reach REDIS_URL redis://:***@127.0.0.1:1/0 (Redis failed while connecting"),
+    ],
+)
+async def test_every_start_up_failure_is_one_line_naming_what_to_fix(
+    harness: Harness, tmp_path: object, failure: str, expected: str
 ) -> None:
-    harness.slack.fail[method] = "invalid_auth"
     env = harness.env(SLACK_BOT_TOKEN="xoxb-revoked")
-    code, stderr = await run_command(env, "run", cwd=str(tmp_path))
+    if failure == "bot token refused":
+        harness.slack.fail["auth.test"] = "invalid_auth"
+    elif failure == "app token refused":
+        harness.slack.fail["apps.connections.open"] = "invalid_auth"
+    elif failure == "scope missing":
+        harness.slack.scopes.remove("commands")
+    elif failure == "connection refused":
+        env["SLACK_API_URL"] = "http://127.0.0.1:1/api/"
+    elif failure == "name unknown":
+        env["SLACK_API_URL"] = "http://slack.invalid/api/"
+    elif failure == "redis refused":
+        env["REDIS_URL"] = "redis://:hunter2@127.0.0.1:1/0"
+    code, output = await run_command(env, "run", cwd=str(tmp_path))
+    # Log lines start with their time; what is left is what the operator is told.
+    told = [line for line in output.splitlines() if not line[:4].isdigit()]
     assert code == 1
-    assert f"{method} failed: invalid_auth" in stderr
-    assert "Traceback" not in stderr and "xoxb-revoked" not in stderr
+    assert len(told) == 1 and told[0].startswith("The bot cannot start: ") and expected in told[0], output
+    assert "Traceback" not in output and "xoxb-revoked" not in output and "hunter2" not in output
+
+
+async def test_env_example_copied_unchanged_is_refused_with_what_to_set(tmp_path: Path) -> None:
+    shutil.copy(".env.example", tmp_path / ".env")
+    code, output = await run_command(clean_env(PYTHONPATH=os.getcwd()), "run", cwd=str(tmp_path))
+    assert code == 2
+    for name in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "OPENAI_API_KEY"):
+        assert f"{name} is still .env.example's placeholder" in output
+    assert "Traceback" not in output
+
+
+def test_env_example_lists_every_setting() -> None:
+    listed = {line.split("=", 1)[0] for line in Path(".env.example").read_text().splitlines() if "=" in line}
+    settings = {name.upper() for name in Settings.model_fields}
+    assert settings - listed == set()
+    assert listed - settings == set()
 
 
 async def run_command(env: dict[str, str], *args: str, cwd: str) -> tuple[int, str]:
