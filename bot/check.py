@@ -99,15 +99,20 @@ async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
     models |= {p.model for p in personas.named.values() if p.model}
 
     async with model_client(settings, max_retries=0) as openai_client:
+        offered: list[str] = []
 
         async def endpoint() -> str:
-            offered = await list_models(openai_client)
+            offered.extend(await list_models(openai_client))
             return f"reachable, {len(offered)} models offered"
 
         results.append(await _attempt("model endpoint", endpoint))
         for model in sorted(models):
 
             async def exists(model: str = model) -> str:
+                # Listed is enough: some servers (vLLM) list their models but have no GET /models/{id}.
+                # Azure deployments are not listed, so an unlisted model is looked up on its own.
+                if model in offered:
+                    return "offered"
                 if not await model_exists(openai_client, model):
                     raise BotError("the endpoint does not have this model")
                 return "exists"

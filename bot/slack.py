@@ -61,6 +61,7 @@ REQUIRED_SCOPES = (
     "channels:read",
     "groups:read",
     "im:write",
+    "mpim:read",
     "usergroups:read",
 )
 

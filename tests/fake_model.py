@@ -73,6 +73,7 @@ class FakeModel:
         self.request_paths: list[str] = []  # path and query of each chat request
         self.list_requests = 0  # GET /v1/models calls
         self.models: list[str] = ["gpt-4o-mini", "gpt-4o"]
+        self.model_lookup = True  # False: no GET /v1/models/{id} route at all (as vLLM)
         self._queue: deque[Reply] = deque()
         self.default_reply: Reply | None = None  # answers when the queue is empty (benchmarks)
         self.first_content_at: dict[int, float] = {}  # request number -> monotonic time of its first delta
@@ -207,6 +208,8 @@ class FakeModel:
 
     async def _get_model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
+        if not self.model_lookup:
+            return web.Response(status=404, text="Not Found")
         if model_id in self.models:
             return web.json_response(model_entry(model_id))
         message = f"The model '{model_id}' does not exist"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot.ingress import EVENTS_PATH
 from bot.settings import Settings
 from bot.slack import REQUIRED_SCOPES
 from tests.conftest import Harness
@@ -107,7 +108,11 @@ async def test_models_lists_the_endpoints_models_with_the_one_in_use_marked(
     assert code == 1 and "unavailable" in output and "Traceback" not in output
 
 
-async def test_check_passes_when_everything_is_in_place(harness: Harness, tmp_path: object) -> None:
+@pytest.mark.parametrize("model_lookup", [True, False], ids=["openai", "listing-only-like-vllm"])
+async def test_check_passes_when_everything_is_in_place(
+    harness: Harness, tmp_path: object, model_lookup: bool
+) -> None:
+    harness.model.model_lookup = model_lookup
     code, output = await run_command(harness.env(), "check", cwd=str(tmp_path))
     lines = output.strip().splitlines()
     assert code == 0, output
@@ -160,6 +165,23 @@ async def test_check_names_each_failure_and_exits_non_zero(
     assert "Traceback" not in output
 
 
-def test_the_manifest_asks_for_exactly_the_scopes_check_expects() -> None:
-    manifest = yaml.safe_load(Path("manifest.yaml").read_text())
+@pytest.mark.parametrize("path", ["manifest.yaml", "manifest-http.yaml"])
+def test_the_manifests_ask_for_exactly_the_scopes_check_expects(path: str) -> None:
+    manifest = yaml.safe_load(Path(path).read_text())
     assert sorted(manifest["oauth_config"]["scopes"]["bot"]) == sorted(REQUIRED_SCOPES)
+
+
+def test_the_http_manifest_sends_events_commands_and_interactivity_to_the_events_path() -> None:
+    socket, http = (
+        yaml.safe_load(Path(path).read_text()) for path in ("manifest.yaml", "manifest-http.yaml")
+    )
+    settings = http["settings"]
+    assert settings["socket_mode_enabled"] is False and socket["settings"]["socket_mode_enabled"] is True
+    assert (
+        settings["event_subscriptions"]["bot_events"]
+        == socket["settings"]["event_subscriptions"]["bot_events"]
+    )
+    urls = [settings["event_subscriptions"]["request_url"], settings["interactivity"]["request_url"]]
+    urls += [command["url"] for command in http["features"]["slash_commands"]]
+    assert len(urls) == 2 + len(socket["features"]["slash_commands"])
+    assert all(url.startswith("https://") and url.endswith(EVENTS_PATH) for url in urls)
