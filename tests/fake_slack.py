@@ -168,6 +168,10 @@ class FakeSlack:
         """True while a Socket Mode client is connected."""
         return bool(self._sockets)
 
+    def all_acked(self) -> bool:
+        """True when the app acknowledged every envelope sent to it."""
+        return all(envelope_id in self.acks for envelope_id in self._envelopes)
+
     def sent_at(self, envelope_id: str) -> float:
         """When an envelope left the fake (time.monotonic())."""
         return self._sent[envelope_id]

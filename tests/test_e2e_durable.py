@@ -7,7 +7,6 @@ dies mid-answer. Each test asserts what the thread shows and what Redis holds af
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as redis
+from prometheus_client import REGISTRY
 
 from bot.domain import Incoming, Job, ThreadKey
 from tests.conftest import Harness
@@ -101,9 +101,14 @@ async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_tw
             await harness.slack.wait_for(lambda: finished(harness, "C1", ts) == ["Before."], 20, "an answer")
             server.stop()
             acked_before = set(harness.slack.acks)
+            refused = REGISTRY.get_sample_value("sgb_events_refused_total") or 0
             follow_up = await harness.say("also this", mention=False, thread_ts=ts, acked=False)
             other = await harness.say("a new question", channel="C2", acked=False)
-            await asyncio.sleep(3)  # the ingress gives up on Redis after a few retries
+            await harness.slack.wait_for(  # the ingress gives up on Redis after a few retries ...
+                lambda: REGISTRY.get_sample_value("sgb_events_refused_total") == refused + 2, 10, "refusals"
+            )
+            # ... and so does the worker process, which waits on.
+            await harness.slack.wait_for(lambda: "cannot read jobs" in worker.log(), 15, "the worker's wait")
             assert set(harness.slack.acks) == acked_before  # neither was acknowledged ...
             assert len(harness.slack.bot_messages("C1", ts)) == 1  # ... nor answered, nor apologised for
             server.start()
@@ -122,7 +127,6 @@ async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_tw
     assert sorted(texts) == ["After 0.", "After 1.", "Before."]
     assert not any(":warning:" in c.args.get("markdown_text", "") for c in harness.slack.calls)
     assert follow_up in {m["ts"] for m in harness.slack.thread("C1", ts)}
-    assert "cannot read jobs" in worker.log()
 
 
 @pytest.mark.parametrize(
@@ -173,8 +177,8 @@ async def test_a_job_that_fails_every_attempt_is_dead_lettered_with_one_apology(
     async with harness.running(stream_mode="native", job_lease_seconds=2, job_max_attempts=2):
         ts = await harness.say("will this work?")
         await harness.slack.wait_for(lambda: bool(finished(harness, "C1", ts)), 40, "the apology")
-        await asyncio.sleep(3)  # nothing more comes
-        dead = await harness.redis.xrange(f"{harness.prefix}{{{TEAM_ID}:jobs}}:dead")
+        await harness.settled()  # nothing more comes
+        dead: Any = await harness.redis.xrange(f"{harness.prefix}{{{TEAM_ID}:jobs}}:dead")
     messages = harness.slack.bot_messages("C1", ts)
     assert [state(m) for m in messages] == ["notice"]
     assert "couldn't answer" in messages[0]["text"]
@@ -195,7 +199,7 @@ async def test_two_worker_processes_answer_every_job_exactly_once(harness: Harne
             await harness.slack.wait_for(
                 lambda: all(finished(harness, f"C{i}", ts) for i, ts in enumerate(threads)), 60, "20 answers"
             )
-            await asyncio.sleep(0.5)
+            await harness.settled()
         finally:
             for worker in workers:
                 await worker.stop()
@@ -292,3 +296,23 @@ async def test_a_retried_job_rewrites_the_messages_of_the_attempt_before_it(
         (earlier[0], "The short, complete answer.", "done")
     ]
     assert not harness.slack.calls_to("chat.postMessage") and not harness.slack.calls_to("chat.startStream")
+
+
+async def test_the_thread_lock_and_the_job_lease_are_renewed_while_a_long_answer_streams(
+    harness: Harness,
+) -> None:
+    words = [f"w{i} " for i in range(40)]
+    harness.model.script(Reply(chunks=words, chunk_delay=0.1))  # 4 s: two leases of 2 s
+    async with harness.running(job_lease_seconds=2):
+        ts = await harness.say("a long one")
+        await harness.slack.wait_for(
+            lambda: any("w30" in m["text"] for m in harness.slack.bot_messages("C1", ts)), 10, "3 s of it"
+        )
+        lock_ms = await harness.redis.pttl(f"{harness.prefix}{{{TEAM_ID}:C1:{ts}}}:lock")
+        queue = f"{harness.prefix}{{{TEAM_ID}:jobs}}:queue"
+        (job,) = [dict(entry) for entry in await harness.redis.xpending_range(queue, "workers", "-", "+", 10)]
+        await harness.slack.wait_for(lambda: bool(finished(harness, "C1", ts)), 10, "the whole answer")
+    assert 0 < lock_ms <= 2000  # still held, 3 s into a 2 s lease: renewed
+    idle, deliveries = int(job["time_since_delivered"]), int(job["times_delivered"])
+    assert idle < 2000 and deliveries == 1  # renewed, never reclaimed
+    assert finished(harness, "C1", ts) == ["".join(words)]

@@ -67,7 +67,12 @@ async def test_a_malformed_event_is_acknowledged_logged_without_content_and_drop
     harness: Harness, caplog: pytest.LogCaptureFixture, field: str, value: object
 ) -> None:
     caplog.set_level(logging.WARNING, logger="bot")
-    event = {"type": "app_mention", "user": "U1", "text": f"<@{BOT_USER_ID}> secret words", "channel": "C1"}
+    event: dict[str, Any] = {
+        "type": "app_mention",
+        "user": "U1",
+        "text": f"<@{BOT_USER_ID}> secret words",
+        "channel": "C1",
+    }
     event |= {"ts": harness.slack.next_ts(), field: value}
     async with harness.running():
         envelope = await harness.slack.send_event(event)
@@ -81,7 +86,7 @@ async def test_a_malformed_event_is_acknowledged_logged_without_content_and_drop
 
 async def test_every_request_slack_sends_is_acknowledged(harness: Harness) -> None:
     async with harness.running():
-        events = [
+        events: list[dict[str, Any]] = [
             {"type": "reaction_added", "user": "U1", "reaction": "tada", "item": {"type": "message"}},
             {"type": "member_joined_channel", "user": "U1", "channel": "C1"},
             {"type": "app_uninstalled"},

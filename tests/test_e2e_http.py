@@ -105,7 +105,7 @@ async def test_two_replicas_sharing_redis_answer_a_redelivered_event_once(harnes
 
             statuses = await asyncio.gather(*(deliver(port) for port in ports))
         await harness.replies_done(1)
-        await asyncio.sleep(0.3)
+        await harness.settled()
     assert statuses == [200, 200]
     assert len(harness.model.requests) == 1
     assert len(harness.slack.calls_to("chat.startStream")) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,7 +36,7 @@ def bot_texts(harness: Harness, channel: str, ts: str) -> list[str]:
     ids=["auth", "rate-limit-after-retries", "server-error", "timeout", "context-length", "no-such-model"],
 )
 async def test_model_errors_are_told_in_the_thread_and_the_bot_keeps_answering(
-    harness: Harness, replies: list[Reply], kind: str, overrides: dict[str, object]
+    harness: Harness, replies: list[Reply], kind: str, overrides: dict[str, Any]
 ) -> None:
     harness.model.script(*replies, Reply(text="recovered"))
     async with harness.running(**overrides):

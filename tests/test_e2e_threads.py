@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-from bot.domain import ThreadKey, Turn
+from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.tokens import TiktokenCounter
@@ -114,7 +114,7 @@ async def test_the_same_message_delivered_twice_is_answered_once(harness: Harnes
         await harness.say(f"<@{BOT_USER_ID}> once please", ts=ts, mention=False, event_type="message")
         other = await harness.say("a different question")
         await harness.replies_done(2)
-        await asyncio.sleep(0.2)
+        await harness.settled()
     assert len(harness.model.requests) == 2
     assert {c.args["thread_ts"] for c in harness.slack.calls_to("chat.startStream")} == {ts, other}
 
@@ -146,7 +146,7 @@ async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_questio
     history = RedisHistory(harness.redis, counter, prefix=harness.prefix)
     turns = []
     for i in range(2000):
-        role = "user" if i % 2 == 0 else "assistant"
+        role: Role = "user" if i % 2 == 0 else "assistant"
         text = f"message number {i} about caching, 日本語のテキスト {i}"
         content = f"alice: {text}" if role == "user" else text
         turns.append(
@@ -184,7 +184,7 @@ async def test_bot_ignores_itself_other_bots_and_edits(harness: Harness) -> None
         )
         await harness.say("a real follow-up", thread_ts=ts, mention=False)
         await harness.replies_done(2)
-        await asyncio.sleep(0.2)
+        await harness.settled()
     assert len(harness.model.requests) == 2
     assert contents(harness.model.requests[1])[-1] == "alice: a real follow-up"
 

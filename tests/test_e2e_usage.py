@@ -17,7 +17,7 @@ def month_key(harness: Harness) -> str:
 
 
 async def month(harness: Harness) -> dict[str, int]:
-    return {k: int(v) for k, v in (await harness.redis.hgetall(month_key(harness))).items()}
+    return {str(k): int(v) for k, v in (await harness.redis.hgetall(month_key(harness))).items()}
 
 
 async def test_usage_is_recorded_per_workspace_channel_user_model_and_day(harness: Harness) -> None:

@@ -61,7 +61,7 @@ async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewrit
     assert recounted.encoding == "o200k_base"
     assert recounted.tokens == counter.message_tokens("assistant", "bonjour " * 50)
     raw = await redis_client.lindex(f"{prefix}{{T9:C9:1700000000.000001}}:turns", 0)
-    assert json.loads(raw)["enc"] == "o200k_base"
+    assert raw is not None and json.loads(raw)["enc"] == "o200k_base"
 
 
 async def test_a_jobs_question_and_answer_are_stored_once_however_often_it_is_tried(
