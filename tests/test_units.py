@@ -726,3 +726,20 @@ def _status_error(
 )
 def test_error_kind_maps_openai_exceptions(make: Callable[[], openai.OpenAIError], kind: str) -> None:
     assert error_kind(make()) == kind
+
+
+# bot.params ---------------------------------------------------------------------------------------------
+
+
+def test_persona_and_settings_declare_exactly_the_chat_parameters_with_their_ranges() -> None:
+    from dataclasses import fields
+
+    from bot.params import PARAMS
+
+    assert [f.name for f in fields(Persona)] == ["name", "system_prompt", *(p.name for p in PARAMS)]
+    for param in PARAMS:
+        declared = Settings.model_fields[param.setting]
+        if param.name == "model":  # OPENAI_MODEL has a default; every other one is unset unless set
+            assert declared.annotation is param.annotation and declared.default == "gpt-4o-mini"
+        else:
+            assert declared.annotation == param.annotation | None and declared.default is None, param.name
