@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from bot.errors import BotError
-from bot.history import open_redis, redis_errors
 from bot.llm import list_models, model_exists
 from bot.personas import FilePersonas, PersonaStore
+from bot.redis_client import open_redis, redis_errors
 from bot.services import model_client, slack_client, token_counter
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, check_app_token, fetch_identity

@@ -36,7 +36,7 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 from bot.domain import Incoming, Job, ThreadKey
-from bot.history import redis_errors
+from bot.redis_client import redis_errors
 
 GROUP = "workers"
 DEDUP_SECONDS = 3600

@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
-from bot.history import redis_errors
 from bot.params import PARAMS, persona_value
+from bot.redis_client import redis_errors
 
 DEFAULT_NAME = "default"
 CUSTOM_NAME = "custom"

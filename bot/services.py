@@ -24,11 +24,12 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.conversation import Responder
 from bot.domain import ChatModel, Persona, SlackPort
 from bot.errors import HistoryError, SlackError, StartupError
-from bot.history import RedisHistory, open_redis
+from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.llm import OpenAIChat, make_client
 from bot.params import PARAMS, persona_value
 from bot.personas import FilePersonas, PersonaStore
+from bot.redis_client import open_redis
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding

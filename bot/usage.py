@@ -24,8 +24,8 @@ import yaml
 
 from bot.domain import BudgetCheck, ThreadKey, Usage
 from bot.errors import ConfigError
-from bot.history import redis_errors
 from bot.observability import BUDGET_REFUSALS, TOKENS
+from bot.redis_client import redis_errors
 
 # USD per million input and output tokens; PRICES_FILE adds to or overrides these.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
