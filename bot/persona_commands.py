@@ -293,9 +293,14 @@ class PersonaCommands:
         channel = _editor_channel(body)
         fields, _, save_as = parse_editor(body["view"]["state"]["values"])
         persona = persona_from_editor(fields, save_as or CUSTOM_NAME)
-        if save_as:
-            await self._store.save_named(team, persona)
-        await self._store.assign(team, channel, persona, by=user, action="edit")
+        try:
+            if save_as:
+                await self._store.save_named(team, persona)
+            await self._store.assign(team, channel, persona, by=user, action="edit")
+        except BotError as exc:  # the editor has closed: the one who saved must hear of it elsewhere
+            log.warning("saving the persona editor failed: %s", exc)
+            await self._slack.tell(user, channel, f"Your persona was not saved. {exc.user_message}")
+            return
         if channel.startswith("D"):
             await self._slack.tell(user, channel, f"Persona for our conversations is now *{persona.name}*.")
         else:
@@ -306,8 +311,14 @@ class PersonaCommands:
     async def open_editor_from_home(self, body: Mapping[str, Any]) -> None:
         """An App Home "Edit" button: the editor for that channel."""
         channel = str(body["actions"][0]["value"])
-        current = (await self._store.assignment(body["team"]["id"], channel)).persona
-        await self._slack.open_view(body["trigger_id"], await self._editor(channel, current))
+        try:
+            current = (await self._store.assignment(body["team"]["id"], channel)).persona
+            await self._slack.open_view(body["trigger_id"], await self._editor(channel, current))
+        except BotError as exc:
+            log.warning("opening the persona editor failed: %s", exc)
+            await self._slack.tell(
+                body["user"]["id"], channel, f"I couldn't open the editor. {exc.user_message}"
+            )
 
     async def publish_home(self, team: str, user: str) -> None:
         """The App Home tab: the user's DM persona, the bot's channels, the named personas."""

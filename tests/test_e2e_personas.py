@@ -370,3 +370,19 @@ async def test_what_commands_echo_never_notifies_a_channel(harness: Harness) -> 
         unknown = await persona(harness, "<!here>")
     assert "<!" not in shown + unknown
     assert "Greet @\u2060channel and @\u2060devs first." in shown
+
+
+async def test_a_failed_save_from_the_editor_is_told_to_whoever_saved(harness: Harness) -> None:
+    harness.slack.members["C1"] = ["U1"]
+    harness.slack.fail["chat.postEphemeral"] = "not_in_channel"  # the bot may not post there: a DM then
+    async with harness.running():
+        await harness.redis.set(f"{harness.prefix}persona:{TEAM_ID}:audit:C1", "not a list")  # Redis refuses
+        assert await harness.slack.send_interaction(editor_submission("U1", "C1", system_prompt="Hi.")) == {}
+        await harness.slack.wait_for(
+            lambda: any(c.args.get("channel") == "U1" for c in harness.slack.calls_to("chat.postMessage")),
+            what="a DM to U1",
+        )
+    (told,) = [
+        c.args["text"] for c in harness.slack.calls_to("chat.postMessage") if c.args["channel"] == "U1"
+    ]
+    assert told.startswith("Your persona was not saved. I can't reach my memory store")
