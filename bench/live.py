@@ -219,7 +219,7 @@ class Conversations:
     ) -> list[float]:
         """``concurrency`` conversations ten turns deep, each ``turns`` more replies, starts staggered over
         one model time as real conversations are (after one warm-up reply each)."""
-        channels = [f"{name}{concurrency}x{i}" for i in range(concurrency)]
+        channels = [f"{name}{concurrency}X{i}" for i in range(concurrency)]
         threads = await self.bot.seed_threads(counter, channels, depth=10)
         await asyncio.gather(*(self.one_reply(c, threads[c], model_seconds) for c in channels))
 
@@ -257,7 +257,7 @@ async def overhead(
         burst = 0.05
         bot.model.default_reply = Reply(text=answer(random.Random(5)), chunk_size=40, first_token_delay=burst)
         for concurrency, rounds in [(10, 2)] if quick else [(10, 10), (100, 5)]:
-            channels = [f"CB{concurrency}x{i}" for i in range(concurrency)]
+            channels = [f"CB{concurrency}X{i}" for i in range(concurrency)]
             threads = await bot.seed_threads(counter, channels, depth=10)
             samples = []
             for round_number in range(rounds + 1):
