@@ -144,7 +144,7 @@ def _acknowledge_the_rest(app: AsyncApp) -> None:
         pass  # an event: Bolt acknowledges it
 
     app.event(anything)(ignore)
-    for kind in (app.action, app.view, app.shortcut, app.options):
+    for kind in (app.command, app.action, app.view, app.shortcut, app.options):
         kind(anything)(_ack_now)
 
 

@@ -96,7 +96,8 @@ async def test_every_request_slack_sends_is_acknowledged(harness: Harness) -> No
         clicked = await harness.slack.send_interaction(
             {"type": "block_actions", "user": {"id": "U1"}, "actions": [{"action_id": "something_old"}]}
         )
-    assert len(acks) == 3 and clicked == {}
+        commanded = await harness.slack.send_command("", command="/retired")
+    assert len(acks) == 3 and clicked == {} and commanded == {}
 
 
 async def test_http_mode_answers_a_signed_unreadable_body_with_400_and_an_unsigned_one_with_401(
