@@ -102,7 +102,6 @@ PARAMS: tuple[ChatParam, ...] = (
         "a service tier (e.g. auto, default, flex, priority)",
     ),
 )
-BY_NAME = {param.name: param for param in PARAMS}
 
 
 def persona_value(value: Any) -> Any:

@@ -80,8 +80,8 @@ _markdown = MarkdownIt("commonmark")
 
 _SLACK_ID = r"^[A-Z0-9]{2,32}$"  # U…, W…, B…, C…, D…, G…, T…, E…
 _SLACK_TS = r"^[0-9]{1,12}\.[0-9]{1,9}$"
-SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
-SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
+_SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
+_SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
 
 
 class _MessageEvent(BaseModel):
@@ -90,10 +90,10 @@ class _MessageEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["app_mention", "message"]
-    user: SlackId
-    channel: SlackId
-    ts: SlackTs
-    thread_ts: SlackTs | None = None
+    user: _SlackId
+    channel: _SlackId
+    ts: _SlackTs
+    thread_ts: _SlackTs | None = None
     channel_type: StrictStr | None = None
     text: StrictStr = ""
 
