@@ -41,6 +41,7 @@ from bot.observability import (
     JOBS_QUEUED,
     ReadinessCheck,
     health_routes,
+    listen,
 )
 from bot.persona_commands import ModelList, PersonaCommands
 from bot.services import Services
@@ -275,8 +276,6 @@ async def serve_http(
     web_app = app.web_app(path=EVENTS_PATH, port=port)
     web_app.middlewares.append(_refuse_malformed(signing_secret))
     health_routes(web_app, checks)
-    runner = web.AppRunner(web_app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    runner = await listen(web_app, host=host, port=port, option="--port")
     log.info("serving Slack events over HTTP on %s:%d%s", host, port, EVENTS_PATH)
     return runner

@@ -16,12 +16,15 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from pythonjsonlogger.json import JsonFormatter
+
+from bot.errors import StartupError
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +135,22 @@ async def serve_health(checks: Mapping[str, ReadinessCheck], *, host: str, port:
     """Serve the health and metrics endpoints on their own port; the caller cleans the runner up."""
     app = web.Application()
     health_routes(app, checks)
+    runner = await listen(app, host=host, port=port, option="--metrics-port")
+    log.info("serving /healthz, /readyz and /metrics on %s:%d", host, port)
+    return runner
+
+
+async def listen(app: web.Application, *, host: str, port: int, option: str) -> web.AppRunner:
+    """Serve ``app`` on ``host:port``; a port that cannot be had is a ``StartupError`` naming ``option``
+    (the caller cleans the runner up)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    log.info("serving /healthz, /readyz and /metrics on %s:%d", host, port)
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {host}:{port} ({os.strerror(exc.errno) if exc.errno else exc}): "
+            f"free the port or choose another {option}"
+        ) from exc
     return runner

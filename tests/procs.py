@@ -10,7 +10,9 @@ append-only when asked, and can stop and start it again on the same port and dat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,10 +47,33 @@ def clean_env(**values: str) -> dict[str, str]:
     return env | values
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out to outgoing connections (Linux; a common default elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_port(count: int = 1) -> int:
+    """The first of ``count`` consecutive loopback ports that are free now, outside the kernel's
+    ephemeral range: a port from that range may be taken a moment later by some outgoing connection
+    (a Redis or WebSocket client's own end), and then a server the test starts there cannot bind it."""
+    ephemeral = _ephemeral_ports()
+    candidates = range(10_000, 65_536 - count)
+    outside = [p for p in candidates if p not in ephemeral and p + count - 1 not in ephemeral]
+    while True:
+        first = random.choice(outside or candidates)
+        ports = range(first, first + count)
+        try:
+            with contextlib.ExitStack() as held:
+                for port in ports:
+                    s = held.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
 
 
 class BotProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from bot.ingress import EVENTS_PATH
 from bot.settings import Settings
 from bot.slack import REQUIRED_SCOPES
 from tests.conftest import Harness
-from tests.procs import clean_env
+from tests.procs import clean_env, free_port
 
 
 async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: object) -> None:
@@ -61,6 +62,25 @@ async def test_every_start_up_failure_is_one_line_naming_what_to_fix(
     assert code == 1
     assert len(told) == 1 and told[0].startswith("The bot cannot start: ") and expected in told[0], output
     assert "Traceback" not in output and "xoxb-revoked" not in output and "hunter2" not in output
+
+
+@pytest.mark.parametrize("command", ["run", "worker"])
+async def test_a_port_already_taken_is_one_line_naming_the_option(
+    harness: Harness, tmp_path: Path, command: str
+) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        code, output = await run_command(
+            harness.env(), command, "--host", "127.0.0.1", "--metrics-port", str(port), cwd=str(tmp_path)
+        )
+    told = [line for line in output.splitlines() if not line[:4].isdigit()]
+    assert code == 1
+    assert told == [
+        f"The bot cannot start: cannot listen on 127.0.0.1:{port} (Address already in use): "
+        "free the port or choose another --metrics-port"
+    ], output
 
 
 async def test_env_example_copied_unchanged_is_refused_with_what_to_set(tmp_path: Path) -> None:

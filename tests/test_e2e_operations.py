@@ -88,7 +88,7 @@ async def test_a_burst_far_larger_than_the_pool_is_answered_in_full(
 async def test_run_with_workers_supervises_them_and_restarts_one_that_dies(
     harness: Harness, tmp_path: Path
 ) -> None:
-    port = free_port()
+    port = free_port(2)  # the ingress's metrics port, and its worker's after it
     harness.model.default_reply = Reply(text="answered")
     bot = await BotProcess(
         harness.env(), "run", "--workers", "1", "--metrics-port", str(port), cwd=tmp_path
