@@ -88,6 +88,7 @@ async def run(
             for _ in range(20 if quick else 200):
                 started = time.perf_counter()
                 context = build_context(SYSTEM, await history.recent(key, budget), question, budget, counter)
+                messages = context.messages  # rendered on demand: part of the work
                 bot_samples.append(time.perf_counter() - started)
             for _ in range(3 if quick else (5 if n >= 10_000 else 30)):
                 started = time.perf_counter()
@@ -102,7 +103,7 @@ async def run(
                     "bot_p95_ms": bot["p95_ms"],
                     "naive_median_ms": slow["median_ms"],
                     "naive_over_bot": round(slow["median_ms"] / max(bot["median_ms"], 1e-6), 1),
-                    "kept_messages": len(context.messages),
+                    "kept_messages": len(messages),
                     "naive_kept_messages": len(naive),
                     "goal": "bot median <= 2 ms at 10,000 messages, 16,000 tokens",
                     "met": bot["median_ms"] <= 2.0 if (n == 10_000 and budget == 16000) else None,

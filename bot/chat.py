@@ -188,6 +188,9 @@ class NamedEndpoint:
     def reply_cap(self, persona: Persona) -> int | None:
         return self._model.reply_cap(persona)
 
+    def sees_images(self, persona: Persona) -> bool:
+        return self._model.sees_images(persona)
+
     async def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from bot.domain import (
     REPLY_PRIMING_TOKENS,
+    Attachment,
     BudgetCheck,
     ChatMessage,
     ChatModel,
+    FileReader,
     History,
+    ImagePart,
     Incoming,
     Job,
     JobProgress,
@@ -30,8 +33,11 @@ from bot.domain import (
     ReplyLog,
     ReplyStream,
     Role,
+    SlackFile,
+    SlackMessage,
     SlackPort,
     StreamEnd,
+    TextPart,
     TokenCounter,
     Turn,
     Usage,
@@ -46,6 +52,13 @@ REPLY_TOKENS_ESTIMATE = 1000  # a reply's size for budget reservations when the 
 LENGTH_NOTE = "_(The answer was cut off at the reply token limit.)_"
 UNKNOWN_PERSONA = "_(There is no persona named {name} here, so I answer as {persona}.)_"
 EMPTY_ANSWER = "_(The model returned an empty answer.)_"
+UNREADABLE_FILES = "_(I couldn't read {files}.)_"
+PICTURES_UNSEEN = "_(This model doesn't see images, so I didn't look at {files}.)_"
+PICTURES_REFUSED = "_(The model at this endpoint refused images, so I answered from the text alone.)_"
+# A mention in a thread the bot has never seen reads the files of the newest earlier messages, up to this
+# many; older ones are named in the history but not downloaded (they would rarely fit the budget).
+THREAD_FILES_READ = 10
+TOO_FAR_BACK = "too far back in the thread"
 
 
 class Spent(NamedTuple):
@@ -58,12 +71,60 @@ class Spent(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Context:
-    """The messages for one model call, and what trimming did to get there."""
+    """What one model call sends, and what trimming did to get there: the system prompt, the kept turns
+    (oldest first), the question (shortened when it alone would not fit), and whether images go too.
+    ``picture_urls`` (file id -> data URL) is filled in once the kept images are fetched."""
 
-    messages: list[ChatMessage]
+    system_prompt: str
+    turns: tuple[Turn, ...]
+    question: Turn
+    question_content: str
     estimated_tokens: int
-    kept_turns: int
     trimmed: bool
+    pictures: bool = False  # the model sees the images of the kept turns
+    question_pictures: bool = False  # ... and those of the question (dropped when it alone is too big)
+    picture_urls: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def kept_turns(self) -> int:
+        return len(self.turns)
+
+    @property
+    def wanted_pictures(self) -> list[Attachment]:
+        """The images the model is to see."""
+        if not self.pictures:
+            return []
+        found = [a for turn in self.turns for a in turn.pictures]
+        return found + list(self.question.pictures if self.question_pictures else ())
+
+    @property
+    def billed_beyond_context(self) -> int:
+        """Tokens the API bills for the images beyond what they take of the context."""
+        return sum(a.picture.billed - a.picture.tokens for a in self.wanted_pictures if a.picture)
+
+    @property
+    def messages(self) -> list[ChatMessage]:
+        """The request's messages."""
+        messages: list[ChatMessage] = [{"role": "system", "content": self.system_prompt}]
+        messages += [self._message(t.role, t.content, t.pictures, self.pictures) for t in self.turns]
+        messages.append(
+            self._message("user", self.question_content, self.question.pictures, self.question_pictures)
+        )
+        return messages
+
+    def _message(self, role: Role, text: str, pictures: Sequence[Attachment], shown: bool) -> ChatMessage:
+        if not (shown and pictures):
+            return {"role": role, "content": text}
+        parts: list[TextPart | ImagePart] = [{"type": "text", "text": text}]
+        for picture in pictures:
+            url = self.picture_urls.get(picture.file.id)
+            if url:
+                parts.append({"type": "image_url", "image_url": {"url": url, "detail": "high"}})
+            else:
+                parts.append(
+                    {"type": "text", "text": f"(The image {picture.file.name} is no longer available.)"}
+                )
+        return {"role": role, "content": parts}
 
 
 _PERSONA_REQUEST = re.compile(r"^\s*persona:([A-Za-z0-9_-]{1,40})\s*")
@@ -86,18 +147,29 @@ def build_context(
     question: Turn,
     budget: int,
     counter: TokenCounter,
+    *,
+    pictures: bool = False,
 ) -> Context:
     """System prompt + as many of the newest turns as fit + the question, within ``budget`` tokens.
 
-    ``history`` is newest first and carries each turn's stored token count, so nothing here re-encodes
-    it. The system prompt and the question are always kept; if they alone exceed the budget they are
-    truncated at a token boundary (the question first, the system prompt to no less than half).
+    ``history`` is newest first and carries each turn's stored token count (images included), so
+    nothing here re-encodes it; without ``pictures`` (the model sees no images) a turn's images cost
+    nothing. The system prompt and the question are always kept; if they alone exceed the budget, the
+    question's images are left out, then both are truncated at a token boundary (the question first,
+    the system prompt to no less than half).
     """
+
+    def cost(turn: Turn) -> int:
+        return turn.tokens if pictures else turn.tokens - turn.picture_tokens
+
     available = budget - safety_margin(budget) - REPLY_PRIMING_TOKENS
     system_tokens = counter.message_tokens("system", system_prompt)
-    question_content, question_tokens = question.content, question.tokens
+    question_content, question_tokens = question.content, cost(question)
+    question_pictures = pictures and bool(question.pictures)
     if system_tokens + question_tokens > available:
-        if system_tokens > available // 2:
+        if question_pictures:
+            question_pictures, question_tokens = False, question_tokens - question.picture_tokens
+        if system_tokens + question_tokens > available and system_tokens > available // 2:
             system_prompt = _shrink(
                 counter, "system", system_prompt, max(available // 2, available - question_tokens)
             )
@@ -109,15 +181,32 @@ def build_context(
     used = system_tokens + question_tokens
     kept: list[Turn] = []
     for turn in history:
-        if used + turn.tokens > available:
+        if used + cost(turn) > available:
             break
         kept.append(turn)
-        used += turn.tokens
+        used += cost(turn)
+    return Context(
+        system_prompt,
+        tuple(reversed(kept)),
+        question,
+        question_content,
+        used + REPLY_PRIMING_TOKENS,
+        trimmed=len(kept) < len(history),
+        pictures=pictures,
+        question_pictures=question_pictures,
+    )
 
-    messages: list[ChatMessage] = [{"role": "system", "content": system_prompt}]
-    messages += [{"role": turn.role, "content": turn.content} for turn in reversed(kept)]
-    messages.append({"role": "user", "content": question_content})
-    return Context(messages, used + REPLY_PRIMING_TOKENS, len(kept), trimmed=len(kept) < len(history))
+
+def _files_to_read(messages: Sequence[SlackMessage]) -> list[bool]:
+    """For each message, oldest first: whether to read its files (those of the newest messages, up to
+    ``THREAD_FILES_READ`` files)."""
+    left = THREAD_FILES_READ
+    reads = []
+    for message in reversed(messages):
+        reads.append(bool(message.files) and left >= len(message.files))
+        if reads[-1]:
+            left -= len(message.files)
+    return reads[::-1]
 
 
 def _shrink(counter: TokenCounter, role: str, content: str, max_message_tokens: int) -> str:
@@ -138,6 +227,7 @@ class Responder:
         counter: TokenCounter,
         max_prompt_tokens: int,
         usage: UsageLedger | None = None,
+        files: FileReader | None = None,
     ) -> None:
         self.history = history
         self.model = model
@@ -146,6 +236,7 @@ class Responder:
         self.counter = counter
         self.max_prompt_tokens = max_prompt_tokens
         self.usage = usage
+        self.files = files
 
     async def respond(self, job: Job) -> Spent | None:
         """Answer the job's message in its thread; a retried job finishes what the attempt before it
@@ -166,23 +257,22 @@ class Responder:
                 requested = None
                 if not incoming.in_thread:
                     requested, text = split_persona_request(text)
-                if not text.strip():
+                if not text.strip() and not incoming.files:
                     await reply.notice(EMPTY_MENTION_HINT)
                     return None
                 if incoming.in_thread:
                     await self._read_thread_if_unseen(incoming)
                 question = await self._question(incoming, text)
                 persona = await self.personas.resolve(incoming.key, requested)
-                context = await self._context(incoming, persona, question, self.max_prompt_tokens)
+                pictures = self.model.sees_images(persona)
+                context = await self._context(incoming, persona, question, self.max_prompt_tokens, pictures)
                 check = await self._reserve(incoming, persona, context)
                 if not check.allowed:
                     await reply.notice(f":warning: {check.message}")
                     return None
                 if not progress.question_stored:
                     await self.history.store_question(incoming.key, job.id, question)
-                prelude = None
-                if requested and persona.name != requested:
-                    prelude = UNKNOWN_PERSONA.format(name=requested, persona=persona.name)
+                prelude = self._prelude(requested, persona, question, pictures)
                 spent = await self._reply(job, reply, persona, question, context, check, prelude)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
@@ -208,6 +298,20 @@ class Responder:
         await self.slack.reply_stream(job.incoming, self._reply_log(job, progress)).notice(
             f":warning: {message}"
         )
+
+    @staticmethod
+    def _prelude(requested: str | None, persona: Persona, question: Turn, pictures: bool) -> str | None:
+        """The lines for the asker before the answer: a persona asked for that does not exist, files
+        that could not be read and why, images the model will not see."""
+        lines = []
+        if requested and persona.name != requested:
+            lines.append(UNKNOWN_PERSONA.format(name=requested, persona=persona.name))
+        unreadable = [f"{a.file.name} ({a.problem})" for a in question.attachments if a.problem]
+        if unreadable:
+            lines.append(UNREADABLE_FILES.format(files=", ".join(unreadable)))
+        if question.pictures and not pictures:
+            lines.append(PICTURES_UNSEEN.format(files=", ".join(a.file.name for a in question.pictures)))
+        return "\n".join(lines) or None
 
     def _reply_log(self, job: Job, progress: JobProgress) -> ReplyLog:
         async def record(index: int, ts: str) -> None:
@@ -241,7 +345,7 @@ class Responder:
             return None  # the question stays stored, unanswered: a "try again" sees it
         await self.history.store_answer(incoming.key, job.id, answer)
         usage = end.usage or Usage(
-            context.estimated_tokens,
+            context.estimated_tokens + context.billed_beyond_context,
             self.counter.message_tokens("assistant", answer.text)
             - self.counter.message_tokens("assistant", ""),
             estimated=True,
@@ -252,34 +356,82 @@ class Responder:
         """Check the budgets and reserve what this reply can use: its context and its longest answer."""
         if self.usage is None:
             return BudgetCheck(True)
-        worst = context.estimated_tokens + (self.model.reply_cap(persona) or REPLY_TOKENS_ESTIMATE)
+        worst = (
+            context.estimated_tokens
+            + context.billed_beyond_context
+            + (self.model.reply_cap(persona) or REPLY_TOKENS_ESTIMATE)
+        )
         return await self.usage.reserve(incoming.key, incoming.user_id, self.model.model_for(persona), worst)
 
-    async def _context(self, incoming: Incoming, persona: Persona, question: Turn, budget: int) -> Context:
-        """The messages for the model within ``budget``: the thread's newest turns that fit."""
+    async def _context(
+        self, incoming: Incoming, persona: Persona, question: Turn, budget: int, pictures: bool
+    ) -> Context:
+        """What the model gets within ``budget``: the thread's newest turns that fit, and the images of
+        those turns when the model sees images."""
         # The question may be stored already (a retried job); the context carries it last, whatever came
         # after it.
         recent = await self.history.recent(incoming.key, budget + question.tokens)
         history = [turn for turn in recent if turn.ts != question.ts]
-        return build_context(persona.system_prompt, history, question, budget, self.counter)
+        context = build_context(
+            persona.system_prompt, history, question, budget, self.counter, pictures=pictures
+        )
+        wanted = context.wanted_pictures
+        if wanted and self.files is not None:
+            context = replace(context, picture_urls=await self.files.picture_urls(incoming.key, wanted))
+        return context
 
     async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
-        """Asked in a thread it remembers nothing of, the bot first stores what was said before."""
+        """Asked in a thread it remembers nothing of, the bot first stores what was said before, with
+        the files of the newest messages read."""
         if await self.history.remembers(incoming.key):
             return
         earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
-        turns = [self._turn(m.role, m.text, m.ts, m.speaker_id, m.speaker_name) for m in earlier]
+        turns = [
+            await self._earlier_turn(incoming, message, reads)
+            for message, reads in zip(earlier, _files_to_read(earlier), strict=True)
+        ]
         await self.history.seed(incoming.key, turns)
         log.info("read %d earlier messages of thread %s", len(turns), incoming.key)
 
+    async def _earlier_turn(self, incoming: Incoming, message: SlackMessage, read_files: bool) -> Turn:
+        if not message.files:
+            attachments: list[Attachment] = []
+        elif read_files:
+            attachments = await self._read_files(incoming, message.files)
+        else:
+            attachments = [
+                Attachment(f, f"[file: {f.name}, not read: {TOO_FAR_BACK}]", problem=TOO_FAR_BACK)
+                for f in message.files
+            ]
+        return self._turn(
+            message.role, message.text, message.ts, message.speaker_id, message.speaker_name, attachments
+        )
+
     async def _question(self, incoming: Incoming, text: str) -> Turn:
         name = await self.slack.display_name(incoming.key.team, incoming.user_id)
-        return self._turn("user", text, incoming.ts, incoming.user_id, name)
+        attachments = await self._read_files(incoming, incoming.files)
+        return self._turn("user", text, incoming.ts, incoming.user_id, name, attachments)
 
-    def _turn(self, role: Role, text: str, ts: str, speaker_id: str = "", speaker_name: str = "") -> Turn:
-        """A turn with its token cost, counted once, here, before it is stored."""
-        turn = Turn(role, text, 0, self.counter.encoding_name, ts, speaker_id, speaker_name)
-        return replace(turn, tokens=self.counter.message_tokens(role, turn.content))
+    async def _read_files(self, incoming: Incoming, files: Sequence[SlackFile]) -> list[Attachment]:
+        if not files or self.files is None:
+            return []
+        return await self.files.read(incoming.key, files)
+
+    def _turn(
+        self,
+        role: Role,
+        text: str,
+        ts: str,
+        speaker_id: str = "",
+        speaker_name: str = "",
+        attachments: Sequence[Attachment] = (),
+    ) -> Turn:
+        """A turn with its token cost (its text, its files' text, its images), counted once, here,
+        before it is stored."""
+        turn = Turn(
+            role, text, 0, self.counter.encoding_name, ts, speaker_id, speaker_name, tuple(attachments)
+        )
+        return replace(turn, tokens=self.counter.message_tokens(role, turn.content) + turn.picture_tokens)
 
     async def _answer(
         self,
@@ -298,11 +450,17 @@ class Responder:
                 answer, end = await self._stream(context, persona, reply, end_user, notice)
                 return answer, end, context
             except ModelError as exc:
-                if exc.kind != "context_length" or budget < self.max_prompt_tokens:
+                if exc.kind == "images_refused" and context.pictures:
+                    log.warning("the endpoint refused images; answering from the text alone")
+                    await reply.append(PICTURES_REFUSED + "\n\n")
+                elif exc.kind == "context_length" and budget == self.max_prompt_tokens:
+                    log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
+                    budget //= 2
+                else:
                     raise
-                log.warning("context_length_exceeded at %d tokens; retrying with half", budget)
-                budget //= 2
-                context = await self._context(incoming, persona, question, budget)
+                context = await self._context(
+                    incoming, persona, question, budget, context.pictures and exc.kind != "images_refused"
+                )
 
     async def _stream(
         self, context: Context, persona: Persona, reply: ReplyStream, end_user: str, notice: str | None

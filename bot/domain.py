@@ -41,8 +41,50 @@ class ThreadKey:
 
 
 @dataclass(frozen=True, slots=True)
+class SlackFile:
+    """A file attached to a Slack message, as the event (or ``files.info``) describes it. ``url`` is
+    Slack's private download URL ("" when Slack sent only the id); it is never logged."""
+
+    id: str
+    name: str
+    mimetype: str = ""
+    filetype: str = ""
+    size: int = 0
+    url: str = ""
+    mode: str = "hosted"  # hosted, snippet, external (a link to another service), tombstone (deleted)
+
+
+@dataclass(frozen=True, slots=True)
+class Picture:
+    """An image the model can see: its size once scaled for the model, the tokens it takes of the
+    model's context, and the tokens the API bills for it (more, for some models)."""
+
+    mime: str
+    width: int
+    height: int
+    tokens: int
+    billed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    """What the bot read of one file of a message, stored with the message's turn.
+
+    ``text`` is what the model reads of it: a header naming the file (``[file: spec.pdf, 12 pages]``),
+    then, for documents, their text cut to the file token limit. ``picture`` is set for an image the
+    model may see; ``problem`` says why the file could not be read ("" when it was).
+    """
+
+    file: SlackFile
+    text: str
+    picture: Picture | None = None
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored message of a thread, with its token cost counted once when it was stored."""
+    """One stored message of a thread, with its token cost counted once when it was stored
+    (its text, the text of its files, and its images)."""
 
     role: Role
     text: str
@@ -51,20 +93,45 @@ class Turn:
     ts: str = ""
     speaker_id: str = ""
     speaker_name: str = ""
+    attachments: tuple[Attachment, ...] = ()
 
     @property
     def content(self) -> str:
-        """The message as the model sees it: human turns carry their speaker's name."""
-        if self.role == "user" and self.speaker_name:
-            return f"{self.speaker_name}: {self.text}"
-        return self.text
+        """The message as the model reads it: human turns carry their speaker's name, then what the
+        bot read of their files."""
+        text = f"{self.speaker_name}: {self.text}" if self.role == "user" and self.speaker_name else self.text
+        return "\n\n".join([text, *(a.text for a in self.attachments)]) if self.attachments else text
+
+    @property
+    def picture_tokens(self) -> int:
+        """What the turn's images cost, part of ``tokens`` (not spent when the model sees no images)."""
+        return sum(a.picture.tokens for a in self.attachments if a.picture is not None)
+
+    @property
+    def pictures(self) -> tuple[Attachment, ...]:
+        return tuple(a for a in self.attachments if a.picture is not None)
+
+
+class TextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURL(TypedDict):
+    url: str
+    detail: Literal["low", "high", "auto"]
+
+
+class ImagePart(TypedDict):
+    type: Literal["image_url"]
+    image_url: ImageURL
 
 
 class ChatMessage(TypedDict):
-    """One message of a Chat Completions request."""
+    """One message of a Chat Completions request: text, or text and images."""
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[TextPart | ImagePart]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +144,7 @@ class Incoming:
     text: str
     addressed: bool
     is_dm: bool
+    files: tuple[SlackFile, ...] = ()
 
     @property
     def in_thread(self) -> bool:
@@ -90,13 +158,48 @@ class Incoming:
 
 
 @dataclass(frozen=True, slots=True)
+class Deletion:
+    """Something people deleted in Slack that the bot forgets too: a message of a thread the bot
+    keeps (``key`` and ``ts``; the whole thread when it was the thread's parent), or a file
+    (``file_id``), wherever the bot keeps it."""
+
+    team: str
+    key: ThreadKey | None = None
+    ts: str = ""
+    file_id: str = ""
+
+    @property
+    def dedup_key(self) -> str:
+        """Identifies the deletion, as ``Incoming.dedup_key`` does a message."""
+        if self.file_id:
+            return f"file:{self.file_id}"
+        return f"deleted:{self.key.channel if self.key else ''}:{self.ts}"
+
+
+@dataclass(frozen=True, slots=True)
 class Job:
-    """An accepted message waiting for its answer, or getting it; ``attempt`` counts deliveries."""
+    """Work the ingress accepted: a message to answer (``Incoming``) or a deletion to carry out;
+    ``attempt`` counts deliveries."""
 
     id: str
-    incoming: Incoming
+    work: Incoming | Deletion
     attempt: int = 1
     enqueued_at: float = 0.0  # wall-clock seconds when the ingress queued it
+
+    @property
+    def incoming(self) -> Incoming:
+        """The message of a reply job."""
+        if not isinstance(self.work, Incoming):
+            raise TypeError(f"job {self.id} is not a reply")
+        return self.work
+
+    @property
+    def label(self) -> str:
+        """What the job is about, for logs: a thread key (workspace:channel:thread), or a file."""
+        work = self.work
+        if work.key is not None:
+            return f"{work.key.team}:{work.key.channel}:{work.key.thread_ts}"
+        return f"{work.team}:file:{work.file_id}" if isinstance(work, Deletion) else ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +239,7 @@ class Persona:
     seed: int | None = None
     reasoning_effort: str | None = None
     service_tier: str | None = None
+    vision: Literal["auto", "on", "off"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +328,10 @@ class ChatModel(Protocol):
         """The model a reply with ``persona`` will ask for."""
         ...
 
+    def sees_images(self, persona: Persona) -> bool:
+        """True when a reply with ``persona`` may send the model images."""
+        ...
+
     def reply_cap(self, persona: Persona) -> int | None:
         """The most tokens a reply with ``persona`` may have, when anything caps it."""
         ...
@@ -232,6 +340,19 @@ class ChatModel(Protocol):
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
     ) -> AsyncIterator[str | StreamEnd]:
         """``end_user`` ("team:user") identifies who asked, for the provider's abuse monitoring."""
+        ...
+
+
+class FileReader(Protocol):
+    """The files people share: fetched from Slack and turned into text, or images the model can see."""
+
+    async def read(self, key: ThreadKey, files: Sequence[SlackFile]) -> list[Attachment]:
+        """What the bot makes of each file of a message in ``key``'s thread, in order; a file it cannot
+        read comes back with its ``problem``."""
+        ...
+
+    async def picture_urls(self, key: ThreadKey, pictures: Sequence[Attachment]) -> dict[str, str]:
+        """File id -> the image as a data URL, for each of ``pictures`` that can still be had."""
         ...
 
 
@@ -264,6 +385,7 @@ class SlackMessage:
     speaker_id: str
     speaker_name: str
     text: str
+    files: tuple[SlackFile, ...] = ()
 
 
 class ReplyStream(Protocol):

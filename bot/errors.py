@@ -27,6 +27,7 @@ ModelErrorKind = Literal[
     "context_length",
     "model_not_found",
     "bad_request",
+    "images_refused",
     "unknown",
 ]
 
@@ -38,6 +39,7 @@ _MODEL_MESSAGES: dict[ModelErrorKind, str] = {
     "context_length": "This thread is too long for the model even after trimming. Please start a new one.",
     "model_not_found": "The configured model doesn't exist on the endpoint. Please ask an admin to check it.",
     "bad_request": "The model rejected the request. Please ask an admin to check the bot's model settings.",
+    "images_refused": "The model at this endpoint doesn't accept images. Please ask without them.",
     "unknown": "Something went wrong while talking to the model. Please try again.",
 }
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import LockError, RedisError
 
-from bot.domain import JobProgress, ThreadKey, TokenCounter, Turn
+from bot.domain import Attachment, JobProgress, Picture, SlackFile, ThreadKey, TokenCounter, Turn
 from bot.errors import ThreadBusy
 from bot.redis_client import redis_errors
 
@@ -53,17 +54,18 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 
 def _encode(turn: Turn) -> str:
     # orjson: decoding the kept turns is most of what building a context costs.
-    return orjson.dumps(
-        {
-            "role": turn.role,
-            "text": turn.text,
-            "tokens": turn.tokens,
-            "enc": turn.encoding,
-            "ts": turn.ts,
-            "uid": turn.speaker_id,
-            "name": turn.speaker_name,
-        }
-    ).decode()
+    data: dict[str, Any] = {
+        "role": turn.role,
+        "text": turn.text,
+        "tokens": turn.tokens,
+        "enc": turn.encoding,
+        "ts": turn.ts,
+        "uid": turn.speaker_id,
+        "name": turn.speaker_name,
+    }
+    if turn.attachments:
+        data["files"] = [dataclasses.asdict(a) for a in turn.attachments]
+    return orjson.dumps(data).decode()
 
 
 def _decode(raw: str | bytes) -> Turn:
@@ -76,6 +78,17 @@ def _decode(raw: str | bytes) -> Turn:
         ts=data.get("ts", ""),
         speaker_id=data.get("uid", ""),
         speaker_name=data.get("name", ""),
+        attachments=tuple(_attachment(a) for a in data.get("files", ())),
+    )
+
+
+def _attachment(data: dict[str, Any]) -> Attachment:
+    picture = data.get("picture")
+    return Attachment(
+        file=SlackFile(**data["file"]),
+        text=data["text"],
+        picture=Picture(**picture) if picture else None,
+        problem=data.get("problem", ""),
     )
 
 
@@ -170,7 +183,7 @@ class RedisHistory:
         return turns
 
     def _recount(self, turn: Turn) -> Turn:
-        tokens = self._counter.message_tokens(turn.role, turn.content)
+        tokens = self._counter.message_tokens(turn.role, turn.content) + turn.picture_tokens
         return replace(turn, tokens=tokens, encoding=self._counter.encoding_name)
 
     async def _rewrite(self, key: ThreadKey, turns: dict[int, Turn]) -> None:
@@ -190,6 +203,43 @@ class RedisHistory:
                 pipe.ltrim(turns_key, -self._max_turns, -1)
                 pipe.expire(turns_key, self._ttl)
                 await pipe.execute()
+
+    async def forget_message(self, key: ThreadKey, ts: str) -> list[Turn]:
+        """Delete the turn of the message ``ts`` (deleted in Slack); what was deleted. The caller holds
+        the thread lock. Reads the whole thread: deletions are rare and off the reply path."""
+        turns_key = self._key(key, "turns")
+        with redis_errors("forgetting a message"):
+            raws = await self._redis.lrange(turns_key, 0, -1)
+            gone = [(raw, turn) for raw in raws if (turn := _decode(raw)).ts == ts]
+            for raw, _ in gone:
+                await self._redis.lrem(turns_key, 0, raw if isinstance(raw, str) else raw.decode())
+        return [turn for _, turn in gone]
+
+    async def forget_file(self, key: ThreadKey, file_id: str) -> list[Attachment]:
+        """Take the file ``file_id`` out of every turn of the thread that holds it, recounting those
+        turns; what was taken out. The caller holds the thread lock (list indexes stay put)."""
+        turns_key = self._key(key, "turns")
+        removed: list[Attachment] = []
+        with redis_errors("forgetting a file"):
+            raws = await self._redis.lrange(turns_key, 0, -1)
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for index, raw in enumerate(raws):
+                    turn = _decode(raw)
+                    kept = tuple(a for a in turn.attachments if a.file.id != file_id)
+                    if len(kept) < len(turn.attachments):
+                        removed += [a for a in turn.attachments if a.file.id == file_id]
+                        pipe.lset(turns_key, index, _encode(self._recount(replace(turn, attachments=kept))))
+                await pipe.execute()
+        return removed
+
+    async def forget_thread(self, key: ThreadKey) -> list[Turn]:
+        """Delete everything this module keeps of a thread (its parent was deleted in Slack); the turns
+        it held, so that other owners can forget what they keep about them."""
+        turns_key = self._key(key, "turns")
+        with redis_errors("forgetting a thread"):
+            raws = await self._redis.lrange(turns_key, 0, -1)
+            await self._redis.delete(turns_key)
+        return [_decode(raw) for raw in raws]
 
     def _progress_key(self, key: ThreadKey, job_id: str) -> str:
         return self._key(key, f"job:{job_id}")

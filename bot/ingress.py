@@ -1,12 +1,13 @@
 """The ingress: Slack's requests in, jobs out. The only module that imports ``slack_bolt``.
 
-A message event is parsed, then checked (is it for the bot at all?), deduplicated and queued as a job
-in one step (``JobQueue.accept``, one Redis call), before Slack is acknowledged: Bolt runs with
-``process_before_response``, so the acknowledgement goes out only once the listener has returned. If
-Redis cannot take the job, the listener raises, Bolt answers 500, and the event is left
-unacknowledged (Socket Mode) or refused (HTTP): Slack delivers it again later. Nothing here posts to
-Slack, so an outage never produces a message. No Slack call precedes an acknowledgement: Bolt's
-authorisation is answered from the identity fetched at start-up.
+A message event (or a deletion: a message or a file people deleted) is parsed, then checked (is it
+for the bot at all?), deduplicated and queued as a job in one step (``JobQueue.accept``, one Redis
+call), before Slack is acknowledged: Bolt runs with ``process_before_response``, so the
+acknowledgement goes out only once the listener has returned. If Redis cannot take the job, the
+listener raises, Bolt answers 500, and the event is left unacknowledged (Socket Mode) or refused
+(HTTP): Slack delivers it again later. Nothing here posts to Slack, so an outage never produces a
+message. No Slack call precedes an acknowledgement: Bolt's authorisation is answered from the identity
+fetched at start-up.
 
 Slash commands, the persona editor and App Home are acknowledged at once and do their work right
 after (Bolt's lazy listeners), in this process: they answer the person who asked, within Slack's few
@@ -46,7 +47,7 @@ from bot.observability import (
 from bot.persona_commands import ModelList, PersonaCommands
 from bot.services import Services
 from bot.settings import secret_value
-from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_event
+from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_deletion, parse_event
 from bot.usage_report import UsageReport
 from bot.views import EDIT_ACTION, EDITOR_CALLBACK
 
@@ -63,14 +64,17 @@ class Ingress:
         self._identity = identity
 
     async def accept(self, body: dict[str, Any], event: dict[str, Any]) -> None:
-        """Queue the event's message if it is for the bot; raises ``HistoryError`` when Redis cannot
-        take it, so that Slack is not acknowledged and delivers it again."""
+        """Queue the event's message if it is for the bot, or the deletion it tells of; raises
+        ``HistoryError`` when Redis cannot take it, so that Slack is not acknowledged and delivers it
+        again."""
         EVENTS_RECEIVED.inc()
         team = body.get("team_id") or self._identity.team_id
-        incoming = parse_event(event, team=team, bot_user_id=self._identity.user_id)
-        if incoming is not None:
+        work = parse_event(event, team=team, bot_user_id=self._identity.user_id) or parse_deletion(
+            event, team=team
+        )
+        if work is not None:
             try:
-                acceptance = await self._queue.accept(incoming)
+                acceptance = await self._queue.accept(work)
             except HistoryError:
                 EVENTS_REFUSED.inc()
                 raise
@@ -115,6 +119,7 @@ def bolt_app(services: Services) -> AsyncApp:
     # A mention in a channel arrives twice (app_mention and message); it is queued once.
     app.event("app_mention")(ingress.accept)
     app.event("message")(ingress.accept)
+    app.event("file_deleted")(ingress.accept)  # a file the bot read leaves its memory
 
     async def on_error(error: Exception, body: dict[str, Any]) -> None:
         if isinstance(error, HistoryError):

@@ -23,6 +23,7 @@ leaves this module as a ``HistoryError``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -35,7 +36,7 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from bot.domain import Incoming, Job, ThreadKey
+from bot.domain import Deletion, Incoming, Job, SlackFile, ThreadKey
 from bot.redis_client import redis_errors
 
 GROUP = "workers"
@@ -43,14 +44,15 @@ DEDUP_SECONDS = 3600
 DEAD_LETTERS_KEPT = 10_000
 
 # KEYS: the message's marker, the queue, the thread's joined marker. ARGV: marker seconds, joined
-# seconds, 1 when the message is addressed to the bot, then the job's fields and values. Nothing is
-# written unless the job is queued: a failed XADD leaves no marker behind.
+# seconds, 1 when the job is only for a thread the bot joined (a message not addressed to it, a
+# deletion), 1 when queueing it joins the thread (a message), then the job's fields and values. Nothing
+# is written unless the job is queued: a failed XADD leaves no marker behind.
 _ACCEPT = """
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {'ignored'} end
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {'ignored'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {'duplicate'} end
-local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 4))
+local id = redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
 redis.call('SET', KEYS[1], id, 'EX', ARGV[1])
-redis.call('SET', KEYS[3], 1, 'EX', ARGV[2])
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], 1, 'EX', ARGV[2]) end
 return {'queued', id}
 """
 
@@ -100,18 +102,25 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _encode(incoming: Incoming) -> bytes:
-    key = incoming.key
+def _encode(work: Incoming | Deletion) -> bytes:
+    if isinstance(work, Deletion):
+        key = work.key
+        thread = [key.channel, key.thread_ts] if key else None
+        return orjson.dumps(
+            {"kind": "deletion", "team": work.team, "thread": thread, "ts": work.ts, "file": work.file_id}
+        )
+    key = work.key
     return orjson.dumps(
         {
             "team": key.team,
             "channel": key.channel,
             "thread_ts": key.thread_ts,
-            "ts": incoming.ts,
-            "user": incoming.user_id,
-            "text": incoming.text,
-            "addressed": incoming.addressed,
-            "dm": incoming.is_dm,
+            "ts": work.ts,
+            "user": work.user_id,
+            "text": work.text,
+            "addressed": work.addressed,
+            "dm": work.is_dm,
+            "files": [dataclasses.asdict(f) for f in work.files],
         }
     )
 
@@ -120,15 +129,22 @@ def _decode(job_id: str, fields: Any, attempt: int) -> Job:
     # Scripts hand back a flat [field, value, ...] list, redis-py a dict.
     values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
     data = orjson.loads(values["job"])
-    incoming = Incoming(
-        key=ThreadKey(data["team"], data["channel"], data["thread_ts"]),
-        ts=data["ts"],
-        user_id=data["user"],
-        text=data["text"],
-        addressed=data["addressed"],
-        is_dm=data["dm"],
-    )
-    return Job(id=str(job_id), incoming=incoming, attempt=int(attempt), enqueued_at=float(values["at"]))
+    work: Incoming | Deletion
+    if data.get("kind") == "deletion":
+        thread = data["thread"]
+        key = ThreadKey(data["team"], thread[0], thread[1]) if thread else None
+        work = Deletion(data["team"], key, data["ts"], data["file"])
+    else:
+        work = Incoming(
+            key=ThreadKey(data["team"], data["channel"], data["thread_ts"]),
+            ts=data["ts"],
+            user_id=data["user"],
+            text=data["text"],
+            addressed=data["addressed"],
+            is_dm=data["dm"],
+            files=tuple(SlackFile(**f) for f in data.get("files", ())),
+        )
+    return Job(id=str(job_id), work=work, attempt=int(attempt), enqueued_at=float(values["at"]))
 
 
 class JobQueue:
@@ -164,23 +180,38 @@ class JobQueue:
     def _joined(self, key: ThreadKey) -> str:
         return self._key(f"joined:{key.team}:{key.channel}:{key.thread_ts}")
 
-    async def accept(self, incoming: Incoming) -> Acceptance:
-        """Queue a job for ``incoming`` if it is for the bot and was not queued before."""
-        marker = self._key(f"seen:{incoming.key.team}:{incoming.dedup_key}")
+    async def accept(self, work: Incoming | Deletion) -> Acceptance:
+        """Queue a job for ``work`` if it concerns the bot and was not queued before: a message addressed
+        to it or said in a thread it joined (which joins the thread), a deletion in a thread it joined,
+        a deleted file (wherever the bot may keep it)."""
+        if isinstance(work, Incoming):
+            team, joined = work.key.team, self._joined(work.key)
+            only_if_joined, joins = not work.addressed, True
+        else:
+            team, joins = work.team, False
+            joined = self._joined(work.key) if work.key else self._key("joined:none")
+            only_if_joined = work.key is not None
+        marker = self._key(f"seen:{team}:{work.dedup_key}")
         with redis_errors("queueing a job"):
             outcome, *job_id = await self._accept(
-                keys=[marker, self.queue_key, self._joined(incoming.key)],
+                keys=[marker, self.queue_key, joined],
                 args=[
                     DEDUP_SECONDS,
                     self._joined_seconds,
-                    int(incoming.addressed),
+                    int(only_if_joined),
+                    int(joins),
                     "job",
-                    _encode(incoming),
+                    _encode(work),
                     "at",
                     repr(time.time()),
                 ],
             )
         return Acceptance(str(outcome), str(job_id[0]) if job_id else None)
+
+    async def leave(self, key: ThreadKey) -> None:
+        """Take no more part in a thread (it was deleted): its follow-ups need a mention again."""
+        with redis_errors("leaving a thread"):
+            await self._redis.delete(self._joined(key))
 
     async def join(self, key: ThreadKey) -> None:
         """Take part in a thread as if asked there: its follow-ups are queued without a mention."""
@@ -245,7 +276,7 @@ class JobQueue:
     async def dead_letter(self, job: Job, reason: str) -> None:
         """Move a job that failed every attempt to the dead-letter stream, in one step."""
         fields = {
-            "job": _encode(job.incoming),
+            "job": _encode(job.work),
             "at": repr(job.enqueued_at),
             "id": job.id,
             "attempts": job.attempt - 1,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -113,6 +114,37 @@ def _counted(exc: Exception) -> ModelError:
     return ModelError(kind, f"{type(exc).__name__}: {exc}")
 
 
+async def transcribe(client: AsyncOpenAI, model: str, name: str, data: bytes) -> str:
+    """The text of a voice clip (``POST /audio/transcriptions``)."""
+    try:
+        result = await client.audio.transcriptions.create(model=model, file=(name, data))
+    except openai.OpenAIError as exc:
+        raise ModelError(error_kind(exc), f"{type(exc).__name__}: {exc}") from exc
+    return valid_text(result.text)
+
+
+# Models that see images, by name (``VISION=auto``): OpenAI's, and the usual open multimodal families. A
+# wrong guess costs one refused request: the model is then answered from the text (and remembered).
+_SEES_IMAGES = re.compile(
+    r"^(gpt-4o|chatgpt-4o|gpt-4\.1|gpt-4\.5|gpt-4-turbo|gpt-4-vision|gpt-5|o1(?!-mini|-preview)|o3(?!-mini)"
+    r"|o4-mini|computer-use)"
+    r"|vision|[-_.]vl\b|llava|pixtral|gemini|claude|gemma-?3|minicpm-v|llama-?4|moondream|bakllava",
+    re.IGNORECASE,
+)
+_NO_IMAGES = re.compile(r"audio|realtime|transcribe|tts|search", re.IGNORECASE)
+
+
+def sees_images_by_name(model: str) -> bool:
+    return bool(_SEES_IMAGES.search(model)) and not _NO_IMAGES.search(model)
+
+
+def _has_images(messages: Sequence[ChatMessage]) -> bool:
+    return any(
+        isinstance(m["content"], list) and any(part["type"] == "image_url" for part in m["content"])
+        for m in messages
+    )
+
+
 def hashed_user(key: bytes, end_user: str) -> str:
     """A stable pseudonym for "team:user": the provider can tell users apart without knowing them."""
     return hmac.new(key, end_user.encode(), hashlib.sha256).hexdigest()
@@ -135,6 +167,7 @@ class OpenAIChat:
         self._max_tokens_param = max_tokens_param
         self._user_id_param = user_id_param
         self._user_id_key = user_id_key
+        self._refused_images: set[str] = set()  # models the endpoint answered "no images" for
 
     def model_for(self, persona: Persona) -> str:
         """The model a request for ``persona`` asks for."""
@@ -142,6 +175,15 @@ class OpenAIChat:
 
     def reply_cap(self, persona: Persona) -> int | None:
         return persona.max_tokens or self._defaults.max_tokens
+
+    def sees_images(self, persona: Persona) -> bool:
+        """``vision`` of the persona, else of the settings: on, off, or auto (by the model's name, unless
+        the endpoint refused images for it before)."""
+        vision = persona.vision or self._defaults.vision or "auto"
+        if vision != "auto":
+            return vision == "on"
+        model = self.model_for(persona)
+        return model not in self._refused_images and sees_images_by_name(model)
 
     def request(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
@@ -156,7 +198,7 @@ class OpenAIChat:
         for param in PARAMS:
             value = getattr(persona, param.name)
             value = getattr(self._defaults, param.name) if value is None else value
-            if value is not None and param.name != "model":
+            if value is not None and param.sent and param.name != "model":
                 # The reply's size limit goes under the name the endpoint knows (MAX_TOKENS_PARAM).
                 key = self._max_tokens_param if param.name == "max_tokens" else param.name
                 params[key] = request_value(value)
@@ -196,6 +238,12 @@ class OpenAIChat:
                             yield valid_text(choice.delta.content)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
+        except openai.APIStatusError as exc:
+            if exc.status_code in (400, 415, 422) and _has_images(messages):
+                # Most likely the model or the endpoint takes no images; the caller tries without them.
+                self._refused_images.add(self.model_for(persona))
+                raise ModelError("images_refused", f"{type(exc).__name__}: {exc}") from exc
+            raise _counted(exc) from exc
         except Exception as exc:
             raise _counted(exc) from exc
         yield StreamEnd(finish_reason=finish_reason, usage=usage, model=model or self.model_for(persona))

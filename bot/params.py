@@ -1,10 +1,13 @@
-"""The chat parameters: every Chat Completions parameter a persona or the settings may set, defined once.
+"""The chat parameters: every model setting a persona or the settings may set, defined once: the Chat
+Completions parameters, and ``vision`` (whether the model is shown images), which the bot keeps to
+itself.
 
 Each ``ChatParam`` gives a parameter's name (the ``Persona`` attribute and the personas-file key), its
 type and range (a pydantic annotation), the setting that gives it to every reply, the editor's label
-and kind of field, and what users are told is allowed. The personas file's schema, the persona editor,
-the request body and the settings' defaults are derived from ``PARAMS``; ``Persona`` and ``Settings``
-declare the same fields with these annotations, for static typing (a test keeps the three equal).
+and kind of field, what users are told is allowed, and whether it goes into the request. The personas
+file's schema, the persona editor, the request body and the settings' defaults are derived from
+``PARAMS``; ``Persona`` and ``Settings`` declare the same fields with these annotations, for static
+typing (a test keeps the three equal).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 ReplyTokens = Annotated[int, Field(ge=1)]
 StopSequences = Annotated[list[str], Field(max_length=4)]
 LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
+# Whether the model is shown images: by its name (auto), always, or never.
+Vision = Literal["auto", "on", "off"]
 
 # How the editor asks for a value: one line of text, a number, a whole number, one item per line,
 # JSON, or the endpoint's model list.
@@ -36,6 +41,7 @@ class ChatParam:
     label: str
     widget: Widget
     allowed: str  # completes "Must be …" when a value is refused
+    sent: bool = True  # a request parameter (else the bot's own)
 
 
 PARAMS: tuple[ChatParam, ...] = (
@@ -100,6 +106,15 @@ PARAMS: tuple[ChatParam, ...] = (
         "Service tier (e.g. auto, default, flex)",
         "text",
         "a service tier (e.g. auto, default, flex, priority)",
+    ),
+    ChatParam(
+        "vision",
+        Vision,
+        "vision",
+        "Show the model images (auto, on or off)",
+        "text",
+        "auto (by the model's name), on or off",
+        sent=False,
     ),
 )
 

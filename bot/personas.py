@@ -280,9 +280,17 @@ class PersonaStore:
             team, channel, None if before == self.default else before, by=by, action="undo"
         )
 
+    def _pin(self, key: ThreadKey) -> str:
+        return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"
+
+    async def unpin(self, key: ThreadKey) -> None:
+        """Forget the thread's pinned persona (the thread is gone)."""
+        with redis_errors("forgetting a thread's persona"):
+            await self._redis.delete(self._pin(key))
+
     async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
         """The thread's pinned persona; else the requested named one or the channel's, pinned from now on."""
-        pin = f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"
+        pin = self._pin(key)
         with redis_errors("resolving a persona"):
             raw = await self._redis.getex(pin, ex=self._thread_ttl)
             if raw:

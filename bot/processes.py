@@ -18,6 +18,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 
+from bot.forgetting import Forgetting
 from bot.ingress import SocketModeIngress, bolt_app, serve_http
 from bot.observability import ReadinessCheck, serve_health
 from bot.services import Services
@@ -33,8 +34,9 @@ def _worker(services: Services) -> Worker:
     slack = services.require_slack()
     return Worker(
         slack.queue,
-        services.responder(slack.adapter),
+        services.responder(slack.adapter, files=slack.files),
         services.history,
+        Forgetting(services.history, slack.files, services.personas, slack.queue),
         concurrency=services.settings.worker_concurrency,
     )
 

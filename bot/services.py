@@ -2,7 +2,8 @@
 
 ``open_services`` connects Redis (or starts the embedded server), loads the tokenizer offline, and
 builds the thread history, personas, usage and budgets, the model client, and, when the process talks
-to Slack, the Web API client, the bot's identity, the Slack adapter and the job queue. Every entry point
+to Slack, the Web API client, the bot's identity, the Slack adapter, the job queue and the file
+reader. Every entry point
 uses it: the ingress (Socket Mode or HTTP), the worker, the terminal chat; ``check`` and ``models`` use
 the same builders one by one, so that each problem is reported on its own line. Entry points stay thin.
 """
@@ -22,8 +23,9 @@ from openai import AsyncOpenAI
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.conversation import Responder
-from bot.domain import ChatModel, Persona, SlackPort
+from bot.domain import ChatModel, FileReader, Persona, SlackPort
 from bot.errors import HistoryError, SlackError, StartupError
+from bot.files import FileLimits, SlackFiles
 from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.llm import OpenAIChat, make_client
@@ -121,6 +123,7 @@ class SlackServices:
     identity: BotIdentity
     adapter: SlackAdapter
     queue: JobQueue
+    files: SlackFiles
 
 
 @dataclass
@@ -138,8 +141,10 @@ class Services:
     model: OpenAIChat
     slack: SlackServices | None
 
-    def responder(self, slack: SlackPort, model: ChatModel | None = None) -> Responder:
-        """The pipeline, writing to ``slack`` (Slack itself, or the terminal)."""
+    def responder(
+        self, slack: SlackPort, model: ChatModel | None = None, files: FileReader | None = None
+    ) -> Responder:
+        """The pipeline, writing to ``slack`` (Slack itself, or the terminal), reading ``files``."""
         return Responder(
             history=self.history,
             model=model or self.model,
@@ -148,6 +153,7 @@ class Services:
             counter=self.counter,
             max_prompt_tokens=self.settings.max_prompt_tokens,
             usage=self.usage,
+            files=files,
         )
 
     def require_slack(self) -> SlackServices:
@@ -220,7 +226,23 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 max_attempts=settings.job_max_attempts,
                 joined_seconds=settings.history_ttl_seconds,
             )
-            services.slack = SlackServices(web, identity, adapter, queue)
+            file_reader = SlackFiles(
+                client,
+                adapter,
+                counter,
+                FileLimits(
+                    max_bytes=settings.max_file_bytes,
+                    max_tokens=settings.file_max_tokens,
+                    timeout_seconds=settings.file_timeout_seconds,
+                    picture_cache_seconds=settings.image_cache_seconds,
+                    thread_ttl_seconds=settings.history_ttl_seconds,
+                ),
+                prefix=settings.redis_prefix,
+                model=settings.openai_model,
+                openai=openai_client,
+                transcribe_model=settings.transcribe_model,
+            )
+            services.slack = SlackServices(web, identity, adapter, queue, file_reader)
             log.info(
                 "connected: team %s, bot user %s, encoding %s",
                 identity.team_id,

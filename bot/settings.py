@@ -16,7 +16,16 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, Validation
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bot.errors import ConfigError
-from bot.params import PARAMS, LogitBias, Penalty, ReplyTokens, StopSequences, Temperature, TopP
+from bot.params import (
+    PARAMS,
+    LogitBias,
+    Penalty,
+    ReplyTokens,
+    StopSequences,
+    Temperature,
+    TopP,
+    Vision,
+)
 
 StreamMode = Literal["auto", "native", "update", "off"]
 # What a process does, which decides the settings it needs: Slack ingress over Socket Mode or HTTP (with
@@ -46,6 +55,10 @@ _HINTS: dict[str, str] = {
     "JOB_MAX_ATTEMPTS": "a whole number from 1 to 20",
     "WORKER_CONCURRENCY": "a whole number from 1 to 10000",
     "LOG_FORMAT": "text or json",
+    "MAX_FILE_BYTES": "a whole number of bytes, at least 1 (default 20 MB)",
+    "FILE_MAX_TOKENS": "a whole number of tokens, at least 100",
+    "FILE_TIMEOUT_SECONDS": "a number of seconds above 0",
+    "IMAGE_CACHE_SECONDS": "a whole number of seconds, 0 or more (0: fetch images again for every reply)",
 } | {param.setting.upper(): param.allowed + _AS_JSON.get(param.widget, "") for param in PARAMS}
 
 
@@ -90,6 +103,7 @@ class Settings(BaseSettings):
     seed: int | None = None
     reasoning_effort: str | None = None
     service_tier: str | None = None
+    vision: Vision | None = None  # unset: auto
     # Usage and cost: a price table over the default one, and monthly budgets (unset: no cap).
     prices_file: Path | None = None
     budget_workspace_tokens: Annotated[int, Field(ge=0)] | None = None
@@ -108,6 +122,15 @@ class Settings(BaseSettings):
         default=Path(tempfile.gettempdir()) / "data-gym-cache",
         validation_alias=AliasChoices("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"),
     )
+
+    # Files people share: the largest the bot downloads, how much of a document's text it reads, how
+    # long it may take over one file, how long a scaled image stays cached for follow-ups, and the model
+    # that transcribes voice clips (unset: voice clips are not read).
+    max_file_bytes: Annotated[int, Field(ge=1)] = 20 * 1024 * 1024
+    file_max_tokens: Annotated[int, Field(ge=100)] = 8000
+    file_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    image_cache_seconds: Annotated[int, Field(ge=0)] = 24 * 3600
+    transcribe_model: str | None = None
 
     stream_mode: StreamMode = "auto"
     history_ttl_seconds: Annotated[int, Field(ge=60)] = 30 * 24 * 3600

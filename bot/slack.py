@@ -25,10 +25,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 from markdown_it import MarkdownIt
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.async_handler import AsyncRetryHandler
 from slack_sdk.http_retry.builtin_async_handlers import AsyncRateLimitErrorRetryHandler
@@ -39,7 +40,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.domain import Incoming, ReplyLog, SlackMessage, ThreadKey, valid_text
+from bot.domain import Deletion, Incoming, ReplyLog, SlackFile, SlackMessage, ThreadKey, valid_text
 from bot.errors import SlackError
 from bot.observability import SLACK_ERRORS
 
@@ -63,6 +64,7 @@ REQUIRED_SCOPES = (
     "im:write",
     "mpim:read",
     "usergroups:read",
+    "files:read",
 )
 
 MESSAGE_LIMIT = 12_000  # Slack's limit for markdown_text
@@ -84,6 +86,27 @@ _SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
 _SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
 
 
+class _File(BaseModel):
+    """A file of a message event, as far as the bot uses it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: _SlackId
+    name: StrictStr = ""
+    title: StrictStr = ""
+    mimetype: StrictStr = ""
+    filetype: StrictStr = ""
+    size: Annotated[StrictInt, Field(ge=0)] = 0
+    mode: StrictStr = "hosted"
+    url_private_download: StrictStr = ""
+    url_private: StrictStr = ""
+
+    def value(self) -> SlackFile:
+        name = valid_text(self.name or self.title or self.id)[:200]
+        url = self.url_private_download or self.url_private
+        return SlackFile(self.id, name, self.mimetype, self.filetype, self.size, url, self.mode)
+
+
 class _MessageEvent(BaseModel):
     """The fields of a message event the bot relies on, each checked (extra fields are Slack's own)."""
 
@@ -96,10 +119,32 @@ class _MessageEvent(BaseModel):
     thread_ts: _SlackTs | None = None
     channel_type: StrictStr | None = None
     text: StrictStr = ""
+    files: list[_File] = []
+
+
+class _Deleted(BaseModel):
+    """A ``message_deleted`` event: which message, and the thread it was in."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    channel: _SlackId
+    deleted_ts: _SlackTs
+    previous_message: dict[str, Any] = {}
+
+
+class _FileDeleted(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    file_id: _SlackId
 
 
 def is_slack_id(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(_SLACK_ID, value) is not None
+
+
+def _malformed(kind: object, exc: ValidationError) -> None:
+    fields = sorted({".".join(str(part) for part in error["loc"]) for error in exc.errors()})
+    log.warning("dropped a malformed %s event (bad fields: %s)", kind, ", ".join(fields))
 
 
 def parse_event(event: Mapping[str, Any], *, team: str, bot_user_id: str) -> Incoming | None:
@@ -118,8 +163,7 @@ def parse_event(event: Mapping[str, Any], *, team: str, bot_user_id: str) -> Inc
     try:
         message = _MessageEvent.model_validate(event)
     except ValidationError as exc:
-        fields = sorted({".".join(str(part) for part in error["loc"]) for error in exc.errors()})
-        log.warning("dropped a malformed %s event (bad fields: %s)", event.get("type"), ", ".join(fields))
+        _malformed(event.get("type"), exc)
         return None
     if not is_slack_id(team):
         log.warning("dropped a %s event from a malformed workspace id", message.type)
@@ -137,7 +181,26 @@ def parse_event(event: Mapping[str, Any], *, team: str, bot_user_id: str) -> Inc
         text=text,
         addressed=mentioned or is_dm,
         is_dm=is_dm,
+        files=tuple(f.value() for f in message.files if f.mode != "tombstone"),
     )
+
+
+def parse_deletion(event: Mapping[str, Any], *, team: str) -> Deletion | None:
+    """What a ``message_deleted`` or ``file_deleted`` event asks the bot to forget, if anything."""
+    if not is_slack_id(team):
+        return None
+    try:
+        if event.get("type") == "file_deleted":
+            return Deletion(team, file_id=_FileDeleted.model_validate(event).file_id)
+        if event.get("type") == "message" and event.get("subtype") == "message_deleted":
+            deleted = _Deleted.model_validate(event)
+            thread_ts = deleted.previous_message.get("thread_ts")
+            if not (isinstance(thread_ts, str) and re.fullmatch(_SLACK_TS, thread_ts)):
+                thread_ts = deleted.deleted_ts  # a message outside a thread is (or starts) its own
+            return Deletion(team, ThreadKey(team, deleted.channel, thread_ts), deleted.deleted_ts)
+    except ValidationError as exc:
+        _malformed(event.get("type"), exc)
+    return None
 
 
 class NameCache(Protocol):
@@ -673,10 +736,58 @@ class SlackAdapter:
         user = raw.get("user")
         if self._is_mine(raw):
             return SlackMessage(ts, "assistant", self.bot_user_id, "", text)
+        files = _message_files(raw)
         if user:
-            return SlackMessage(ts, "user", user, names.get(user, user), text)
+            return SlackMessage(ts, "user", user, names.get(user, user), text, files)
         bot_name = raw.get("username") or (raw.get("bot_profile") or {}).get("name") or "a bot"
-        return SlackMessage(ts, "user", str(raw.get("bot_id", "")), valid_text(str(bot_name)), text)
+        return SlackMessage(ts, "user", str(raw.get("bot_id", "")), valid_text(str(bot_name)), text, files)
+
+    async def download(self, file: SlackFile, *, max_bytes: int, timeout_seconds: float) -> bytes:
+        """A file's bytes, fetched with the bot token (``files:read``), following Slack's redirects but
+        only to Slack's own hosts (the token goes nowhere else), at most ``max_bytes``. A failure is a
+        ``SlackError``: "too_large", "not_slack" (a URL off Slack's hosts), "refused" (Slack answered
+        with its sign-in page), "HTTP <status>", or why Slack could not be reached. URLs are never
+        logged."""
+        session = self._client.session
+        if session is None:
+            async with aiohttp.ClientSession() as own:
+                return await self._download(own, file, max_bytes, timeout_seconds)
+        return await self._download(session, file, max_bytes, timeout_seconds)
+
+    async def _download(
+        self, session: aiohttp.ClientSession, file: SlackFile, max_bytes: int, timeout_seconds: float
+    ) -> bytes:
+        headers = {"Authorization": f"Bearer {self._client.token}"}
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                url = file.url or await self._file_url(file.id)
+                for _ in range(MAX_REDIRECTS + 1):
+                    if not self._slack_host(url):
+                        raise SlackError("files.download", "not_slack")
+                    async with session.get(url, headers=headers, allow_redirects=False) as response:
+                        if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                            url = urljoin(url, response.headers["Location"])
+                            continue
+                        return await _read_download(response, file, max_bytes)
+                raise SlackError("files.download", "too many redirects")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _slack_error("files_download", exc) from exc
+
+    async def _file_url(self, file_id: str) -> str:
+        """Where a file an event named only by its id can be downloaded (``files.info``)."""
+        info = await _api(self._client, "files_info", file=file_id)
+        try:
+            return _File.model_validate(info.get("file") or {}).value().url
+        except ValidationError as exc:
+            raise SlackError("files.info", "malformed file") from exc
+
+    def _slack_host(self, url: str) -> bool:
+        """True for a URL of Slack's own file hosts (or of SLACK_API_URL's host: a proxy, or a test)."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if host == urlsplit(self._client.base_url).hostname:
+            return parts.scheme in ("http", "https")
+        return parts.scheme == "https" and (host in _FILE_HOSTS or host.endswith(_FILE_HOST_SUFFIXES))
 
     def reply_stream(self, incoming: Incoming, log: ReplyLog) -> SlackReplyStream:
         mode = self._stream_mode
@@ -747,6 +858,43 @@ class SlackAdapter:
         )
         channels: list[dict[str, Any]] = page.get("channels", [])
         return [(str(c["id"]), str(c.get("name") or c["id"])) for c in channels]
+
+
+MAX_REDIRECTS = 5
+_FILE_HOSTS = frozenset({"slack.com", "slack-files.com", "slack-edge.com", "slack-gov.com"})
+_FILE_HOST_SUFFIXES = tuple(f".{host}" for host in _FILE_HOSTS)
+# The bytes of these types are text in HTML's clothing; for anything else, an HTML answer is Slack's
+# sign-in page, which it serves (with 200) when the token may not read the file.
+_HTML_TYPES = frozenset({"html", "htm", "xhtml"})
+
+
+async def _read_download(response: aiohttp.ClientResponse, file: SlackFile, max_bytes: int) -> bytes:
+    if response.status != 200:
+        raise SlackError("files.download", f"HTTP {response.status}", transient=response.status >= 500)
+    if response.content_type == "text/html" and file.filetype not in _HTML_TYPES:
+        raise SlackError("files.download", "refused")
+    if (response.content_length or 0) > max_bytes:
+        raise SlackError("files.download", "too_large")
+    data = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        data += chunk
+        if len(data) > max_bytes:
+            raise SlackError("files.download", "too_large")
+    return bytes(data)
+
+
+def _message_files(raw: Mapping[str, Any]) -> tuple[SlackFile, ...]:
+    """The readable files of a message read back from a thread (a malformed entry is skipped)."""
+    files = []
+    for item in raw.get("files") or []:
+        try:
+            file = _File.model_validate(item)
+        except ValidationError:
+            log.info("skipped a malformed file in a thread")
+            continue
+        if file.mode != "tombstone":
+            files.append(file.value())
+    return tuple(files)
 
 
 async def _api(client: AsyncWebClient, method: str, **args: Any) -> AsyncSlackResponse:

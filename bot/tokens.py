@@ -14,12 +14,14 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 import tiktoken
 
+from bot.convert import scaled_size
 from bot.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,58 @@ def load_encoding(name: str, cache_dir: Path) -> tiktoken.Encoding:
     if not seed_cache(name, cache_dir):
         log.warning("encoding %s is not bundled; tiktoken may try to download it", name)
     return tiktoken.get_encoding(name)
+
+
+# What an image costs, by OpenAI's published rules for detail "high" (the detail the bot asks for):
+# (tokens it takes of the model's context, tokens the API bills for it). Tiled models: a base plus a
+# number per 512 px tile, after scaling to fit 2048 x 2048 and to a shortest side of 768 px; gpt-4o-mini
+# bills more tokens than the picture takes (its price per image is gpt-4o's). Patch models: one token
+# per 32 px patch (at most 1536 patches), billed times a multiplier. Longest matching prefix wins;
+# other models (local ones, Azure deployment names) are counted as gpt-4o.
+_TILES: dict[str, tuple[int, int]] = {
+    "gpt-4o": (85, 170),
+    "chatgpt-4o": (85, 170),
+    "gpt-4-turbo": (85, 170),
+    "gpt-4.1": (85, 170),
+    "gpt-4.5": (85, 170),
+    "o1": (75, 150),
+    "o3": (75, 150),
+    "gpt-5": (70, 140),
+}
+_TILES_BILLED: dict[str, tuple[int, int]] = {"gpt-4o-mini": (2833, 5667)}
+_PATCHES: dict[str, float] = {
+    "gpt-4.1-mini": 1.62,
+    "gpt-4.1-nano": 2.46,
+    "gpt-5-mini": 1.62,
+    "gpt-5-nano": 2.46,
+    "o4-mini": 1.72,
+}
+TILE, PATCH, PATCH_CAP = 512, 32, 1536
+
+
+def picture_tokens(model: str, width: int, height: int) -> tuple[int, int]:
+    """(context tokens, billed tokens) of an image of ``width`` x ``height`` for ``model``."""
+    prefixes = [*_TILES, *_TILES_BILLED, *_PATCHES]
+    match = max((prefix for prefix in prefixes if model.startswith(prefix)), key=len, default="gpt-4o")
+    if match in _PATCHES:
+        patches = _patches(width, height)
+        return patches, math.ceil(patches * _PATCHES[match])
+    w, h = scaled_size(width, height)
+    tiles = math.ceil(w / TILE) * math.ceil(h / TILE)
+    base, per_tile = _TILES.get(match, _TILES["gpt-4o"])
+    billed_base, billed_per_tile = _TILES_BILLED.get(match, (base, per_tile))
+    return base + per_tile * tiles, billed_base + billed_per_tile * tiles
+
+
+def _patches(width: int, height: int) -> int:
+    """32 px patches covering the image, scaled down (in whole patches, as OpenAI describes) to 1536."""
+    patches = math.ceil(width / PATCH) * math.ceil(height / PATCH)
+    if patches <= PATCH_CAP:
+        return patches
+    shrink = math.sqrt(PATCH_CAP * PATCH * PATCH / (width * height))
+    w, h = width * shrink / PATCH, height * shrink / PATCH
+    shrink *= min(math.floor(w) / w, math.floor(h) / h)
+    return min(math.ceil(width * shrink / PATCH) * math.ceil(height * shrink / PATCH), PATCH_CAP)
 
 
 class TiktokenCounter:

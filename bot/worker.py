@@ -20,8 +20,9 @@ import logging
 import time
 
 from bot.conversation import Responder
-from bot.domain import Job
+from bot.domain import Deletion, Incoming, Job
 from bot.errors import BotError, HistoryError
+from bot.forgetting import Forgetting
 from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.observability import (
@@ -48,11 +49,18 @@ class Worker:
     """Answers jobs from one queue with one responder."""
 
     def __init__(
-        self, queue: JobQueue, responder: Responder, history: RedisHistory, *, concurrency: int
+        self,
+        queue: JobQueue,
+        responder: Responder,
+        history: RedisHistory,
+        forgetting: Forgetting,
+        *,
+        concurrency: int,
     ) -> None:
         self._queue = queue
         self._responder = responder
         self._history = history
+        self._forgetting = forgetting
         self._concurrency = concurrency
         self._running: dict[str, asyncio.Task[None]] = {}
         self._finishing: set[str] = set()  # running jobs that are acknowledged or being dead-lettered
@@ -124,15 +132,17 @@ class Worker:
         task.add_done_callback(forget)
 
     async def _work(self, job: Job) -> None:
-        key = job.incoming.key
-        with job_context(f"{key.team}:{key.channel}:{key.thread_ts}", job.id):
+        with job_context(job.label, job.id):
             started = time.monotonic()
             waited = max(0.0, time.time() - job.enqueued_at)
             QUEUE_WAIT.observe(waited)
             log.info("job started: attempt %d, %.1f ms in the queue", job.attempt, waited * 1000)
             JOBS_IN_FLIGHT.inc()
             try:
-                await self._responder.respond(job)
+                if isinstance(job.work, Deletion):
+                    await self._forgetting.carry_out(job.work)
+                else:
+                    await self._responder.respond(job)
             except BotError as exc:
                 JOBS_FAILED.inc()
                 log.warning("job attempt %d failed, to be tried again: %s", job.attempt, exc)
@@ -152,15 +162,15 @@ class Worker:
         try:
             await self._queue.ack(job)
             JOBS_DONE.inc()
-            await self._history.forget_job(job.incoming.key, job.id)
+            if isinstance(job.work, Incoming):
+                await self._history.forget_job(job.work.key, job.id)
         except HistoryError as exc:
             # Retried later, the job finds itself answered and is only acknowledged.
             log.warning("could not acknowledge a finished job: %s", exc)
 
     async def _give_up(self, job: Job) -> None:
         self._finishing.add(job.id)
-        key = job.incoming.key
-        with job_context(f"{key.team}:{key.channel}:{key.thread_ts}", job.id):
+        with job_context(job.label, job.id):
             try:
                 await self._queue.dead_letter(job, f"failed {job.attempt - 1} attempts")
             except HistoryError as exc:
@@ -168,9 +178,11 @@ class Worker:
                 return
             JOBS_DEAD_LETTERED.inc()
             log.error("job failed %d attempts; moved to the dead letters", job.attempt - 1)
+            if not isinstance(job.work, Incoming):
+                return  # a deletion: nobody waits for an answer
             try:
                 await self._responder.apologise(job, APOLOGY)
-                await self._history.forget_job(key, job.id)
+                await self._history.forget_job(job.work.key, job.id)
             except Exception as exc:  # Slack or Redis may be what keeps failing; the log is all there is
                 log.warning("could not apologise in the thread: %s", type(exc).__name__)
 

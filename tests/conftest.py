@@ -183,15 +183,19 @@ class Harness:
         event_id: str | None = None,
         ts: str | None = None,
         acked: bool = True,
+        files: list[dict[str, Any]] | None = None,
         **extra: Any,
     ) -> str:
-        """A person posts ``text``: stored in the fake Slack and delivered as an event, acknowledged
-        unless ``acked`` is False (then it is not waited for). Returns its ts."""
+        """A person posts ``text`` (with ``files``, made with ``slack.add_file``): stored in the fake
+        Slack and delivered as an event, acknowledged unless ``acked`` is False (then it is not waited
+        for). Returns its ts."""
         ts = ts or self.slack.next_ts()
         if mention:
             text = f"<@{BOT_USER_ID}> {text}"
         is_dm = channel.startswith("D")
-        self.slack.add_message(channel, ts=ts, user=user, text=text, thread_ts=thread_ts)
+        self.slack.add_message(channel, ts=ts, user=user, text=text, thread_ts=thread_ts, files=files)
+        if files:
+            extra["files"] = files
         event: dict[str, Any] = {
             "type": event_type or ("app_mention" if mention and not is_dm else "message"),
             "user": user,
@@ -204,6 +208,8 @@ class Harness:
         }
         if event["type"] == "message":
             event["channel_type"] = "im" if is_dm else "channel"
+            if files:
+                event["subtype"] = "file_share"
         if thread_ts:
             event["thread_ts"] = thread_ts
         envelope = await self.slack.send_event(event, event_id=event_id)

@@ -2,9 +2,10 @@
 
 FakeModel owns a small aiohttp server on 127.0.0.1 (random free port) that speaks the Chat Completions
 wire protocol: ``POST /v1/chat/completions`` (streamed as server-sent events or as one JSON answer),
-OpenAI-style error bodies, and ``GET /v1/models[/{id}]``. Tests point ``openai.AsyncOpenAI(base_url=...)``
-at it, queue one ``Reply`` per expected HTTP request with ``script()``, and inspect the recorded request
-bodies and headers afterwards. It owns nothing else: no client objects are patched or mocked.
+OpenAI-style error bodies, ``POST /v1/audio/transcriptions`` and ``GET /v1/models[/{id}]``. Tests point
+``openai.AsyncOpenAI(base_url=...)`` at it, queue one ``Reply`` per expected HTTP request with
+``script()``, and inspect the recorded request bodies and headers afterwards. It owns nothing else:
+no client objects are patched or mocked.
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ class FakeModel:
         self.model_lookup = True  # False: no GET /v1/models/{id} route at all (as vLLM)
         self._queue: deque[Reply] = deque()
         self.default_reply: Reply | None = None  # answers when the queue is empty (benchmarks)
+        self.transcript = "a transcript"  # what POST /v1/audio/transcriptions answers
+        self.transcriptions: list[dict[str, Any]] = []  # their form fields (the file as its size)
         self.first_content_at: dict[int, float] = {}  # request number -> monotonic time of its first delta
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -84,6 +87,7 @@ class FakeModel:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._chat)  # Azure
+        app.router.add_post("/v1/audio/transcriptions", self._transcribe)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/v1/models/{model_id}", self._get_model)
         # A short shutdown timeout so close() does not wait long for streams a test left hanging.
@@ -201,6 +205,17 @@ class FakeModel:
         except ConnectionError:
             pass  # the client went away mid-stream; nothing left to do
         return response
+
+    async def _transcribe(self, request: web.Request) -> web.Response:
+        """``POST /v1/audio/transcriptions`` (multipart): the scripted transcript."""
+        form = await request.post()
+        upload = form.get("file")
+        fields: dict[str, Any] = {k: v for k, v in form.items() if isinstance(v, str)}
+        assert isinstance(upload, web.FileField), "a transcription request carries its file"
+        fields["file_bytes"] = len(upload.file.read())
+        fields["file_name"] = upload.filename
+        self.transcriptions.append(fields)
+        return web.json_response({"text": self.transcript})
 
     async def _list_models(self, request: web.Request) -> web.Response:
         self.list_requests += 1

@@ -1,7 +1,8 @@
 """A fake Slack for tests that drive the real ``slack_sdk`` / ``slack_bolt`` clients over loopback.
 
 FakeSlack owns a small aiohttp server on 127.0.0.1 (random free port) that speaks just enough of Slack's
-Web API (``/api/<method>``: auth, chat posting/updating/streaming, thread history, users, views) and of
+Web API (``/api/<method>``: auth, chat posting/updating/streaming, thread history, users, views, files),
+of its file hosting (private URLs that need the bot token, one kind behind a redirect), and of
 the Socket Mode WebSocket (``/socket``: hello, ``events_api`` envelopes, acks) for
 ``AsyncWebClient(base_url=fake.api_url)`` and bolt's ``AsyncSocketModeHandler`` to run unmodified. It
 records every Web API call, keeps an in-memory message store per channel (seeded with ``add_message``,
@@ -104,6 +105,9 @@ class FakeSlack:
         self._sockets: list[web.WebSocketResponse] = []
         self._runner: web.AppRunner | None = None
         self._port = 0
+        self.bot_token = "xoxb-test"  # the only token that may download files
+        self.files: dict[str, dict[str, Any]] = {}  # file id -> its Slack file object (files.info)
+        self._file_bytes: dict[str, bytes] = {}
         self._handlers: dict[str, Handler] = {
             "auth.test": self._auth_test,
             "bots.info": self._bots_info,
@@ -132,6 +136,7 @@ class FakeSlack:
                 "response_metadata": {"next_cursor": ""},
             },
             "chat.delete": self._delete,
+            "files.info": self._files_info,
             "views.open": self._view,
             "views.update": self._view,
             "views.publish": self._view,
@@ -144,6 +149,8 @@ class FakeSlack:
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_post("/response/{id}", self._response)
         app.router.add_get("/socket", self._socket)
+        app.router.add_get("/files-pri/{file_id}/{name}", self._download)
+        app.router.add_get("/redirect/{file_id}", self._redirect)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -185,6 +192,46 @@ class FakeSlack:
         the call asks first, as a server that fails while answering would."""
         self._http_failures.setdefault(method, deque()).extend([(status, after_processing)] * times)
 
+    def add_file(
+        self,
+        name: str,
+        content: bytes,
+        mimetype: str,
+        filetype: str,
+        *,
+        redirect: bool = False,
+        size: int | None = None,
+    ) -> dict[str, Any]:
+        """A file people shared, served at its private URL only with the bot token (403 otherwise); its
+        download URL answers with a redirect first when ``redirect``. Returns the file object events
+        and ``files.info`` carry (``size`` may claim another size than the content has)."""
+        file_id = f"F{uuid.uuid4().hex[:10].upper()}"
+        base = f"http://127.0.0.1:{self._port}"
+        url = f"{base}/files-pri/{file_id}/{name}"
+        file = {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": filetype,
+            "size": len(content) if size is None else size,
+            "mode": "hosted",
+            "url_private": url,
+            "url_private_download": f"{base}/redirect/{file_id}" if redirect else url,
+        }
+        self.files[file_id] = file
+        self._file_bytes[file_id] = content
+        return dict(file)
+
+    def delete_file(self, file_id: str) -> None:
+        """The file is deleted in Slack: its URLs answer 404 from now on."""
+        self.files.pop(file_id, None)
+        self._file_bytes.pop(file_id, None)
+
+    def downloads(self) -> list[Call]:
+        """Every request for a file's bytes (recorded as calls named "files.download")."""
+        return self.calls_to("files.download")
+
     def bot_messages(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
         """The bot's messages in a thread, oldest first, with their metadata."""
         return [m for m in self.thread(channel, thread_ts) if m.get("user") == BOT_USER_ID]
@@ -199,10 +246,13 @@ class FakeSlack:
         thread_ts: str | None = None,
         bot_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        files: list[dict[str, Any]] | None = None,
     ) -> None:
         msg: dict[str, Any] = {"type": "message", "ts": ts, "text": text}
         if metadata is not None:
             msg["metadata"] = metadata
+        if files:
+            msg.update(files=files, subtype="file_share", upload=False)
         if user is not None:
             msg["user"] = user
         if thread_ts is not None:
@@ -527,6 +577,42 @@ class FakeSlack:
         page, more = messages[start : start + limit], start + limit < len(messages)
         next_cursor = f"offset_{start + limit}" if more else ""
         return {"messages": page, "has_more": more, "response_metadata": {"next_cursor": next_cursor}}
+
+    def _files_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        file = self.files.get(str(args.get("file")))
+        if file is None:
+            raise SlackError("file_not_found")
+        return {"file": dict(file)}
+
+    def _record_download(self, request: web.Request, file_id: str) -> bool:
+        """Record a file request as a call; True when it carries the bot token."""
+        auth = request.headers.get("Authorization", "")
+        token = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+        call = Call("files.download", {"file": file_id, "path": request.path}, time.monotonic(), token)
+        self.calls.append(call)
+        for listener in self.call_listeners:
+            listener(call)
+        return token == self.bot_token
+
+    async def _download(self, request: web.Request) -> web.Response:
+        file_id = request.match_info["file_id"]
+        if not self._record_download(request, file_id):
+            return web.Response(status=403, text="forbidden")
+        failures = self._http_failures.get("files.download")
+        if failures:
+            return self._http_failure(request, failures.popleft()[0])
+        content = self._file_bytes.get(file_id)
+        if content is None:
+            return web.Response(status=404, text="not found")
+        mimetype = self.files[file_id]["mimetype"] or "application/octet-stream"
+        return web.Response(body=content, content_type=mimetype)
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        file_id = request.match_info["file_id"]
+        file = self.files.get(file_id)
+        if not self._record_download(request, file_id) or file is None:
+            return web.Response(status=403 if file else 404, text="no")
+        raise web.HTTPFound(file["url_private"])
 
     def _users_info(self, args: dict[str, Any]) -> dict[str, Any]:
         user = self.users.get(str(args.get("user")))

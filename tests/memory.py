@@ -2,8 +2,9 @@
 
 Each fake does the least that honours its protocol and records what it was asked, so tests assert on
 behaviour: ``MemoryHistory`` (turns, per-thread lock, job progress), ``ScriptedModel`` (scripted chunks
-or a scripted ``ModelError``), ``RecordingSlack`` with its ``RecordingReply``, ``StaticPersonas`` and
-``WordCounter`` (one word is one token). No ``unittest.mock`` anywhere.
+or a scripted ``ModelError``), ``RecordingSlack`` with its ``RecordingReply``, ``StaticPersonas``,
+``ShelfFiles`` (prepared attachments) and ``WordCounter`` (one word is one token). No ``unittest.mock``
+anywhere.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from bot.domain import (
+    Attachment,
     ChatMessage,
     Incoming,
     JobProgress,
     Persona,
     ReplyLog,
+    SlackFile,
     SlackMessage,
     StreamEnd,
     ThreadKey,
@@ -109,9 +112,10 @@ class _Script:
 class ScriptedModel:
     """Implements ``ChatModel``: each call plays the next scripted answer or raises the next error."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, sees_images: bool = False) -> None:
         self.calls: list[ModelCall] = []
         self._scripts: list[_Script] = []
+        self.images = sees_images
 
     def answer(self, *chunks: str, finish_reason: str | None = "stop", usage: Usage | None = None) -> None:
         """Queue an answer streamed as ``chunks``, then a ``StreamEnd``."""
@@ -131,6 +135,9 @@ class ScriptedModel:
 
     def reply_cap(self, persona: Persona) -> int | None:
         return persona.max_tokens
+
+    def sees_images(self, persona: Persona) -> bool:
+        return self.images if persona.vision is None else persona.vision == "on"
 
     async def stream(
         self, messages: Sequence[ChatMessage], persona: Persona, end_user: str = ""
@@ -218,6 +225,24 @@ class RecordingSlack:
         reply = RecordingReply(incoming, log)
         self.replies.append(reply)
         return reply
+
+
+class ShelfFiles:
+    """Implements ``FileReader`` from attachments prepared per file id; records what it was asked."""
+
+    def __init__(self, attachments: Sequence[Attachment] = (), urls: Mapping[str, str] | None = None) -> None:
+        self.attachments = {a.file.id: a for a in attachments}
+        self.urls = dict(urls or {})  # file id -> data URL (a missing one is "no longer available")
+        self.reads: list[list[str]] = []  # the file ids of each read()
+        self.url_requests: list[list[str]] = []
+
+    async def read(self, key: ThreadKey, files: Sequence[SlackFile]) -> list[Attachment]:
+        self.reads.append([f.id for f in files])
+        return [self.attachments[f.id] for f in files]
+
+    async def picture_urls(self, key: ThreadKey, pictures: Sequence[Attachment]) -> dict[str, str]:
+        self.url_requests.append([a.file.id for a in pictures])
+        return {a.file.id: self.urls[a.file.id] for a in pictures if a.file.id in self.urls}
 
 
 class StaticPersonas:

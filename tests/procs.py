@@ -38,6 +38,10 @@ SETTINGS_VARS = (
     "JOB_",
     "WORKER_",
     "LOG_",
+    "FILE_",
+    "IMAGE_",
+    "VISION",
+    "TRANSCRIBE_",
 )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import get_args
 
 import pytest
@@ -12,17 +12,23 @@ import pytest
 from bot.conversation import (
     EMPTY_MENTION_HINT,
     LENGTH_NOTE,
+    PICTURES_REFUSED,
+    THREAD_FILES_READ,
+    TOO_FAR_BACK,
     Responder,
     build_context,
     safety_margin,
 )
 from bot.domain import (
     REPLY_PRIMING_TOKENS,
+    Attachment,
     ChatMessage,
     Incoming,
     Job,
     Persona,
+    Picture,
     Role,
+    SlackFile,
     SlackMessage,
     ThreadKey,
     Turn,
@@ -33,6 +39,7 @@ from tests.memory import (
     MemoryHistory,
     RecordingSlack,
     ScriptedModel,
+    ShelfFiles,
     StaticPersonas,
     WordCounter,
 )
@@ -56,8 +63,14 @@ def words(n: int, word: str = "w") -> str:
     return " ".join(f"{word}{i}" for i in range(n))
 
 
+def text_of(message: ChatMessage) -> str:
+    """A text-only message's content."""
+    assert isinstance(message["content"], str)
+    return message["content"]
+
+
 def message_cost(messages: list[ChatMessage]) -> int:
-    return sum(WORDS.message_tokens(m["role"], m["content"]) for m in messages) + REPLY_PRIMING_TOKENS
+    return sum(WORDS.message_tokens(m["role"], text_of(m)) for m in messages) + REPLY_PRIMING_TOKENS
 
 
 def available(budget: int) -> int:
@@ -145,12 +158,12 @@ def test_build_context_truncates_a_question_larger_than_the_budget_and_keeps_the
     context = build_context(system, [make_turn("assistant", "earlier")], question, 100, WORDS)
 
     assert context.messages[0] == {"role": "system", "content": system}
-    asked = context.messages[-1]
-    assert asked["role"] == "user"
-    assert asked["content"], "the question must still be there"
-    assert len(asked["content"]) < len(question.content)
-    assert question.content.startswith(asked["content"])
-    kept_words = asked["content"].split()
+    assert context.messages[-1]["role"] == "user"
+    asked = text_of(context.messages[-1])
+    assert asked, "the question must still be there"
+    assert len(asked) < len(question.content)
+    assert question.content.startswith(asked)
+    kept_words = asked.split()
     assert kept_words == question.content.split()[: len(kept_words)], "cut at a token (word) boundary"
     assert context.kept_turns == 0
     assert context.estimated_tokens <= 100
@@ -164,14 +177,14 @@ def test_build_context_cuts_a_huge_system_prompt_to_no_less_than_half(question_w
 
     context = build_context(system, [], question, budget, WORDS)
 
-    sent_system = context.messages[0]["content"]
+    sent_system = text_of(context.messages[0])
     assert context.messages[0]["role"] == "system"
     assert system.startswith(sent_system)
     assert len(sent_system) < len(system)
     assert WORDS.message_tokens("system", sent_system) >= available(budget) // 2
     assert context.messages[-1]["role"] == "user"
-    assert context.messages[-1]["content"], "the question is always kept"
-    assert question.content.startswith(context.messages[-1]["content"])
+    assert text_of(context.messages[-1]), "the question is always kept"
+    assert question.content.startswith(text_of(context.messages[-1]))
     assert context.estimated_tokens <= budget
 
 
@@ -296,7 +309,7 @@ def job(message: Incoming, attempt: int = 1) -> Job:
 
 
 def contents(messages: list[ChatMessage]) -> list[tuple[str, str]]:
-    return [(m["role"], m["content"]) for m in messages]
+    return [(m["role"], text_of(m)) for m in messages]
 
 
 async def test_mention_streams_an_answer_and_stores_question_and_answer(pipe: Pipeline) -> None:
@@ -533,3 +546,166 @@ async def test_an_apology_replaces_what_the_jobs_attempts_wrote(pipe: Pipeline) 
     [reply] = pipe.slack.replies
     assert reply.log.parts == ("100.5",)
     assert reply.events == [("notice", ":warning: Sorry.")]
+
+
+# files -----------------------------------------------------------------------------------------------
+
+
+def picture(file_id: str, tokens: int, name: str = "") -> Attachment:
+    name = name or f"{file_id}.png"
+    return Attachment(
+        SlackFile(file_id, name, "image/png", "png"),
+        f"[image: {name}, 10x10]",
+        Picture("image/png", 10, 10, tokens, tokens),
+    )
+
+
+def document(file_id: str, text: str) -> Attachment:
+    return Attachment(
+        SlackFile(file_id, f"{file_id}.txt", "text/plain", "text"), f"[file: {file_id}.txt]\n{text}"
+    )
+
+
+def unreadable(file_id: str, problem: str) -> Attachment:
+    return Attachment(
+        SlackFile(file_id, f"{file_id}.zip"), f"[file: {file_id}.zip, not read]", problem=problem
+    )
+
+
+def with_files(turn: Turn, *attachments: Attachment) -> Turn:
+    dressed = replace(turn, attachments=attachments)
+    return replace(dressed, tokens=WORDS.message_tokens(turn.role, dressed.content) + dressed.picture_tokens)
+
+
+def test_images_cost_their_tokens_only_when_the_model_sees_them() -> None:
+    question = make_turn("user", "what is it", name="alice")
+    shot = with_files(make_turn("user", "see this", name="bob"), picture("F1", 60))
+    blind = build_context("System.", [shot], question, 100, WORDS)
+    seeing = build_context("System.", [shot], question, 100, WORDS, pictures=True)
+    assert blind.kept_turns == 1 and blind.wanted_pictures == []
+    assert blind.messages[1] == {"role": "user", "content": "bob: see this\n\n[image: F1.png, 10x10]"}
+    assert seeing.kept_turns == 0 and seeing.trimmed  # 60 more tokens do not fit 100
+    assert blind.estimated_tokens == message_cost(blind.messages)
+
+
+def test_a_question_whose_images_alone_exceed_the_budget_goes_without_them() -> None:
+    question = with_files(make_turn("user", "what is it", name="alice"), picture("F1", 500))
+    context = build_context("System.", [], question, 100, WORDS, pictures=True)
+    assert context.question_pictures is False and context.wanted_pictures == []
+    assert context.messages[-1] == {"role": "user", "content": question.content}
+    assert context.estimated_tokens <= 100
+
+
+def test_images_go_as_content_parts_and_a_missing_one_is_said_to_be_gone() -> None:
+    question = with_files(make_turn("user", "compare", name="alice"), picture("F2", 5))
+    earlier = with_files(make_turn("user", "first", name="bob"), picture("F1", 5))
+    context = replace(
+        build_context("System.", [earlier], question, 500, WORDS, pictures=True),
+        picture_urls={"F2": "data:image/png;base64,AAAA"},
+    )
+    assert [a.file.id for a in context.wanted_pictures] == ["F1", "F2"]
+    assert context.messages[1]["content"] == [
+        {"type": "text", "text": "bob: first\n\n[image: F1.png, 10x10]"},
+        {"type": "text", "text": "(The image F1.png is no longer available.)"},
+    ]
+    assert context.messages[2]["content"] == [
+        {"type": "text", "text": "alice: compare\n\n[image: F2.png, 10x10]"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "high"}},
+    ]
+    assert context.billed_beyond_context == 0
+
+
+def files_pipeline(
+    files: ShelfFiles, *, sees_images: bool = True, thread: list[SlackMessage] | None = None
+) -> Pipeline:
+    pipe = make_pipeline(thread)
+    pipe.model.images = sees_images
+    pipe.responder.files = files
+    return pipe
+
+
+async def test_a_question_with_files_carries_what_was_read_and_names_what_was_not() -> None:
+    files = ShelfFiles(
+        [document("F1", "ERROR disk full"), unreadable("F2", "an archive"), picture("F3", 7)],
+        urls={"F3": "data:image/png;base64,BBBB"},
+    )
+    pipe = files_pipeline(files)
+    pipe.model.answer("Free some disk.")
+    message = replace(
+        incoming("100.1", f"<@{BOT_USER_ID}> why?"), files=tuple(a.file for a in files.attachments.values())
+    )
+
+    await pipe.responder.respond(job(message))
+
+    assert files.reads == [["F1", "F2", "F3"]]
+    asked = pipe.model.calls[0].messages[-1]["content"]
+    assert isinstance(asked, list)
+    assert asked[0] == {
+        "type": "text",
+        "text": "alice: why?\n\n[file: F1.txt]\nERROR disk full\n\n[file: F2.zip, not read]"
+        "\n\n[image: F3.png, 10x10]",
+    }
+    assert asked[1]["type"] == "image_url"
+    [reply] = pipe.slack.replies
+    assert reply.events[1] == ("append", "_(I couldn't read F2.zip (an archive).)_\n\n")
+    [question, _] = pipe.history.turns[message.key]
+    assert question.attachments == tuple(files.attachments.values())
+    assert question.tokens == WORDS.message_tokens("user", question.content) + 7
+
+
+async def test_a_model_that_sees_no_images_is_not_sent_any_and_the_asker_is_told() -> None:
+    files = ShelfFiles([picture("F3", 7, "shot.png")], urls={"F3": "data:image/png;base64,BBBB"})
+    pipe = files_pipeline(files, sees_images=False)
+    pipe.model.answer("ok")
+    message = replace(incoming("100.1"), files=(files.attachments["F3"].file,))
+
+    await pipe.responder.respond(job(message))
+
+    assert files.url_requests == []
+    assert isinstance(pipe.model.calls[0].messages[-1]["content"], str)
+    assert pipe.slack.replies[0].events[1] == (
+        "append",
+        "_(This model doesn't see images, so I didn't look at shot.png.)_\n\n",
+    )
+
+
+async def test_images_refused_by_the_endpoint_are_dropped_and_the_answer_says_so() -> None:
+    files = ShelfFiles([picture("F3", 7)], urls={"F3": "data:image/png;base64,BBBB"})
+    pipe = files_pipeline(files)
+    pipe.model.fail("images_refused")
+    pipe.model.answer("from the text")
+    message = replace(incoming("100.1"), files=(files.attachments["F3"].file,))
+
+    await pipe.responder.respond(job(message))
+
+    first, second = pipe.model.calls
+    assert isinstance(first.messages[-1]["content"], list)
+    assert isinstance(second.messages[-1]["content"], str)
+    assert pipe.slack.replies[0].events[1:] == [
+        ("append", PICTURES_REFUSED + "\n\n"),
+        ("append", "from the text"),
+        ("finish", None),
+    ]
+
+
+async def test_an_unseen_thread_has_the_files_of_its_newest_messages_read() -> None:
+    count = THREAD_FILES_READ + 2
+    shelf = [document(f"F{i}", f"file {i}") for i in range(count)]
+    thread = [
+        SlackMessage(f"200.{i + 1}", "user", "U2", "bob", f"message {i}", (shelf[i].file,))
+        for i in range(count)
+    ]
+    thread.append(SlackMessage("200.99", "user", "U1", "alice", "summarise"))
+    files = ShelfFiles(shelf)
+    pipe = files_pipeline(files, thread=thread)
+    pipe.model.answer("ok")
+    mention = incoming("200.99", f"<@{BOT_USER_ID}> summarise", thread_ts="200.1")
+
+    await pipe.responder.respond(job(mention))
+
+    assert [ids for ids in files.reads] == [[f"F{i}"] for i in range(2, count)]
+    stored = pipe.history.turns[mention.key]
+    assert (
+        stored[0].attachments[0].problem == TOO_FAR_BACK and stored[1].attachments[0].problem == TOO_FAR_BACK
+    )
+    assert stored[2].attachments == (shelf[2],)
