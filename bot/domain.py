@@ -105,10 +105,15 @@ class Turn:
     @property
     def picture_tokens(self) -> int:
         """What the turn's images cost, part of ``tokens`` (not spent when the model sees no images)."""
+        # Most turns have no files: trimming asks this of every turn it considers.
+        if not self.attachments:
+            return 0
         return sum(a.picture.tokens for a in self.attachments if a.picture is not None)
 
     @property
     def pictures(self) -> tuple[Attachment, ...]:
+        if not self.attachments:
+            return ()
         return tuple(a for a in self.attachments if a.picture is not None)
 
 

@@ -153,7 +153,7 @@ class SlackFiles:
             tokens, billed = picture_tokens(self._model, converted.width, converted.height)
             picture = Picture(converted.mime, converted.width, converted.height, tokens, billed)
             return Attachment(file, f"[image: {file.name}, {converted.detail}]", picture)
-        return Attachment(file, await self._document(file, converted.text, converted.detail))
+        return Attachment(file, await self._document("file", file, converted.text, converted.detail))
 
     def _refusal(self, file: SlackFile, kind: str) -> str:
         """Why the bot will not even download ``file``, or ""."""
@@ -190,12 +190,13 @@ class SlackFiles:
                 memory_bytes=MEMORY_BYTES,
             )
 
-    async def _document(self, file: SlackFile, text: str, detail: str) -> str:
-        """A document as the model reads it: a header, then its text cut to the token limit."""
+    async def _document(self, label: str, file: SlackFile, text: str, detail: str) -> str:
+        """A document (or a transcript) as the model reads it: a header, then its text cut to the token
+        limit, the header saying so."""
         limit = self._limits.max_tokens
         head = text[: limit * CHARS_PER_TOKEN_READ]
         kept = await asyncio.to_thread(self._counter.truncate, head, limit)
-        header = f"[file: {file.name}, {detail}" if detail else f"[file: {file.name}"
+        header = f"[{label}: {file.name}, {detail}" if detail else f"[{label}: {file.name}"
         if len(kept) < len(text):
             header += f"; only its first {limit:,} tokens"
         return f"{header}]\n{kept}"
@@ -207,8 +208,7 @@ class SlackFiles:
         except ModelError as exc:
             log.warning("could not transcribe a voice clip: %s", exc.kind)
             return _unreadable(file, "a voice clip the transcription service could not read")
-        kept = await asyncio.to_thread(self._counter.truncate, text, self._limits.max_tokens)
-        return Attachment(file, f"[voice clip: {file.name}, transcribed]\n{kept}")
+        return Attachment(file, await self._document("voice clip", file, text, "transcribed"))
 
     async def _cache(self, key: ThreadKey, file_id: str, url: str, *, just_read: bool = False) -> None:
         """Keep a scaled image for the thread's next replies (and, when Redis keeps none, one just read

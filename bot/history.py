@@ -70,6 +70,7 @@ def _encode(turn: Turn) -> str:
 
 def _decode(raw: str | bytes) -> Turn:
     data = orjson.loads(raw)
+    files = data.get("files")
     return Turn(
         role=data["role"],
         text=data["text"],
@@ -78,7 +79,7 @@ def _decode(raw: str | bytes) -> Turn:
         ts=data.get("ts", ""),
         speaker_id=data.get("uid", ""),
         speaker_name=data.get("name", ""),
-        attachments=tuple(_attachment(a) for a in data.get("files", ())),
+        attachments=tuple(map(_attachment, files)) if files else (),
     )
 
 

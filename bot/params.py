@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
@@ -23,8 +23,15 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 ReplyTokens = Annotated[int, Field(ge=1)]
 StopSequences = Annotated[list[str], Field(max_length=4)]
 LogitBias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
+
+
+def _yaml_switch(value: Any) -> Any:
+    # YAML reads an unquoted on/off as true/false; in the personas file they mean what they say.
+    return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
+
+
 # Whether the model is shown images: by its name (auto), always, or never.
-Vision = Literal["auto", "on", "off"]
+Vision = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
 
 # How the editor asks for a value: one line of text, a number, a whole number, one item per line,
 # JSON, or the endpoint's model list.

@@ -239,6 +239,17 @@ async def test_a_voice_clip_is_transcribed_when_a_transcription_model_is_set(har
     assert transcription["model"] == "whisper-1" and transcription["file_name"] == "audio_message.m4a"
 
 
+async def test_a_long_transcript_is_cut_to_the_file_token_limit_and_says_so(harness: Harness) -> None:
+    clip = harness.slack.add_file("standup.m4a", b"\x00\x00\x00 ftypM4A fake audio", "audio/mp4", "m4a")
+    harness.model.transcript = "we talked about the release " * 200
+    async with harness.running(transcribe_model="whisper-1", file_max_tokens=100):
+        await harness.say("what did we decide?", files=[clip])
+        await harness.replies_done(1)
+    content = user_content(harness.model.requests[0])
+    assert "[voice clip: standup.m4a, transcribed; only its first 100 tokens]\nwe talked about" in content
+    assert content.count("release") < 50
+
+
 async def test_without_a_transcription_model_a_voice_clip_is_named_as_unread(harness: Harness) -> None:
     clip = harness.slack.add_file("clip.m4a", b"fake", "audio/mp4", "m4a")
     harness.model.script(Reply(text="ok"))

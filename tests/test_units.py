@@ -501,6 +501,26 @@ personas:
     assert any("colour" in p for p in problems)
 
 
+def test_parse_personas_reads_an_unquoted_vision_switch_as_written() -> None:
+    # YAML turns an unquoted on/off into true/false.
+    text = """
+personas:
+  eyes:
+    system_prompt: Look.
+    vision: on
+  blind:
+    system_prompt: No.
+    vision: off
+"""
+
+    personas, _ = parse_personas(text)
+
+    assert (personas["eyes"].vision, personas["blind"].vision) == ("on", "off")
+    with pytest.raises(ConfigError) as raised:
+        parse_personas("personas:\n  odd:\n    system_prompt: Hm.\n    vision: maybe\n")
+    assert "vision" in raised.value.problems[0]
+
+
 def test_parse_personas_rejects_a_channel_mapped_to_an_unknown_persona() -> None:
     text = "personas:\n  pirate:\n    system_prompt: Arr.\nchannels:\n  C1: pirate\n  C2: ghost\n"
 
