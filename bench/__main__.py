@@ -1,7 +1,7 @@
 """``python -m bench [--quick]``: run every scenario, print a Markdown table, write the results.
 
 A full run writes ``bench/results.json`` and ``bench/RESULTS.md`` (with the machine it ran on); a quick
-run (under a minute, what CI does) writes ``bench/results-quick.json`` and fails if any scenario
+run (about a minute, what CI does) writes ``bench/results-quick.json`` and fails if any scenario
 produced no figures. Redis is the machine's when ``REDIS_URL`` is set, else an embedded one.
 ``--before REV`` also runs that git revision of the bot in the jobs scenario, side by side.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from bench import context, jobs, live
+from bench import context, files, jobs, live
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 
@@ -38,6 +38,7 @@ SCENARIOS = [
     "4. streaming",
     "5. storage",
     "6. jobs",
+    "7. files",
 ]
 
 
@@ -129,6 +130,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
         lambda: live.first_mention(url, prefix, quick=quick),
         lambda: jobs.queue_hop(url, prefix, quick=quick),
         lambda: jobs.scaling(url, prefix, counter, quick=quick, before=before),
+        lambda: files.image_cache(url, prefix, quick=quick),
     ]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -166,7 +168,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute (what CI does)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (what CI does)")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from results.json")
     parser.add_argument("--before", metavar="REV", help="also run this git revision of the bot, to compare")
     args = parser.parse_args()

@@ -45,6 +45,7 @@ class LiveBot:
     ) -> None:
         self.redis_url, self.prefix, self.args, self.source, self.env = redis_url, prefix, args, source, env
         self.slack, self.model = FakeSlack(), FakeModel()
+        self.slack.bot_token = "xoxb-bench"  # the token the bot gets below: the one that may download files
         self.process: asyncio.subprocess.Process | None = None
         self.log_path = Path(tempfile.mkdtemp(prefix="sgb-bench-")) / "bot.log"
 
@@ -53,7 +54,7 @@ class LiveBot:
         await self.model.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "OPENAI_", "REDIS_"))}
         env.update(
-            SLACK_BOT_TOKEN="xoxb-bench",
+            SLACK_BOT_TOKEN=self.slack.bot_token,
             SLACK_APP_TOKEN="xapp-bench",
             SLACK_API_URL=self.slack.api_url,
             OPENAI_API_KEY="sk-bench",
