@@ -43,6 +43,7 @@ from bot.domain import (
     Incoming,
     Job,
     Persona,
+    Rated,
     ReplyLog,
     SlackMessage,
     StreamEnd,
@@ -116,8 +117,8 @@ class TerminalReply:
     async def append(self, text: str) -> None:
         self._screen.write(text)
 
-    async def finish(self, footnote: str | None = None) -> None:
-        self._screen.end_line()
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
+        self._screen.end_line()  # no feedback buttons in a terminal
         if footnote:
             self._screen.say(footnote)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -30,6 +31,7 @@ from bot.domain import (
     JobProgress,
     Persona,
     PersonaSource,
+    Rated,
     ReplyLog,
     ReplyStream,
     Role,
@@ -477,7 +479,10 @@ class Responder:
         if not text:
             await reply.append(EMPTY_ANSWER)
         notes = [LENGTH_NOTE if end.finish_reason == "length" else None, notice]
-        await reply.finish("\n".join(note for note in notes if note) or None)
+        rated = Rated(
+            persona.name, end.model or self.model.model_for(persona), time.strftime("%Y-%m-%d", time.gmtime())
+        )
+        await reply.finish("\n".join(note for note in notes if note) or None, rated)
         if end.usage is not None:
             log.info(
                 "reply: %d prompt tokens (estimated %d, %+d), %d completion tokens, %d turns kept%s",

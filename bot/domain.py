@@ -393,6 +393,16 @@ class SlackMessage:
     files: tuple[SlackFile, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Rated:
+    """What feedback on an answer is counted under: the persona and model that wrote it, and the day
+    (UTC, ``YYYY-MM-DD``) it was written."""
+
+    persona: str
+    model: str
+    day: str
+
+
 class ReplyStream(Protocol):
     """Everything the bot writes into a thread for one job: an answer as it streams, or a notice."""
 
@@ -402,8 +412,9 @@ class ReplyStream(Protocol):
 
     async def append(self, text: str) -> None: ...
 
-    async def finish(self, footnote: str | None = None) -> None:
-        """End the answer, adding ``footnote`` as its last line when given."""
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
+        """End the answer, adding ``footnote`` as its last line when given; with ``rated``, people may
+        say whether it helped (where the bot asks for feedback)."""
         ...
 
     async def fail(self, message: str) -> None:

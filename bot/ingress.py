@@ -32,6 +32,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.errors import HistoryError, SlackError, StartupError
+from bot.feedback import Feedback
 from bot.jobs import JobQueue
 from bot.llm import list_models
 from bot.observability import (
@@ -49,7 +50,7 @@ from bot.services import Services
 from bot.settings import secret_value
 from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_deletion, parse_event
 from bot.usage_report import UsageReport
-from bot.views import EDIT_ACTION, EDITOR_CALLBACK
+from bot.views import EDIT_ACTION, EDITOR_CALLBACK, FEEDBACK_ACTION, FEEDBACK_COMMENT_CALLBACK
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,8 @@ def bolt_app(services: Services) -> AsyncApp:
         ModelList(lambda: list_models(services.openai)),
     )
     _manage_personas(app, commands)
-    _report_usage(app, UsageReport(slack.adapter, services.usage, commands))
+    _report_usage(app, UsageReport(slack.adapter, services.usage, services.feedback, commands))
+    _take_feedback(app, Feedback(services.feedback, slack.adapter))
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
@@ -208,6 +210,26 @@ def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
 
 def _report_usage(app: AsyncApp, report: UsageReport) -> None:
     app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", _body_only(report.command))])
+
+
+def _take_feedback(app: AsyncApp, feedback: Feedback) -> None:
+    """The feedback buttons under answers, and the comment modal after a thumbs-down: each counted
+    before its acknowledgement (one Redis call), the modal opened after it."""
+
+    async def count(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        context["feedback_counted"] = await feedback.count(body)  # the lazy listener gets a copy
+        await ack()
+
+    async def follow_up(_: dict[str, Any], context: AsyncBoltContext) -> None:
+        if (counted := context.get("feedback_counted")) is not None:
+            await feedback.follow_up(counted)
+
+    async def keep_comment(ack: AsyncAck, body: dict[str, Any]) -> None:
+        errors = await feedback.keep_comment(body)
+        await (ack(**errors) if errors else ack())
+
+    app.action(FEEDBACK_ACTION)(ack=count, lazy=[_after_ack("following up on feedback", follow_up)])
+    app.view(FEEDBACK_COMMENT_CALLBACK)(keep_comment)
 
 
 class SocketModeIngress:

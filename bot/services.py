@@ -3,9 +3,9 @@
 ``open_services`` connects Redis (or starts the embedded server), loads the tokenizer offline, and
 builds the thread history, personas, usage and budgets, the model client, and, when the process talks
 to Slack, the Web API client, the bot's identity, the Slack adapter, the job queue and the file
-reader. Every entry point
-uses it: the ingress (Socket Mode or HTTP), the worker, the terminal chat; ``check`` and ``models`` use
-the same builders one by one, so that each problem is reported on its own line. Entry points stay thin.
+reader. Every entry point uses it: the ingress (Socket Mode or HTTP), the worker, the terminal chat;
+``check`` and ``models`` use the same builders one by one, so that each problem is reported on its own
+line. Entry points stay thin.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.conversation import Responder
 from bot.domain import ChatModel, FileReader, Persona, SlackPort
 from bot.errors import HistoryError, SlackError, StartupError
+from bot.feedback import FeedbackStore
 from bot.files import FileLimits, SlackFiles
 from bot.history import RedisHistory
 from bot.jobs import JobQueue
@@ -36,6 +37,7 @@ from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 from bot.usage import Budgets, RedisUsage, load_prices
+from bot.views import feedback_blocks
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,7 @@ class Services:
     history: RedisHistory
     personas: PersonaStore
     usage: RedisUsage
+    feedback: FeedbackStore
     openai: AsyncOpenAI
     model: OpenAIChat
     slack: SlackServices | None
@@ -196,6 +199,9 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 client, files, prefix=settings.redis_prefix, thread_ttl_seconds=settings.history_ttl_seconds
             ),
             usage=RedisUsage(client, prefix=settings.redis_prefix, prices=prices, budgets=budgets(settings)),
+            feedback=FeedbackStore(
+                client, prefix=settings.redis_prefix, votes_seconds=settings.history_ttl_seconds
+            ),
             openai=openai_client,
             model=OpenAIChat(
                 openai_client,
@@ -217,6 +223,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 bot_user_id=identity.user_id,
                 bot_id=identity.bot_id,
                 stream_mode=settings.stream_mode,
+                answer_blocks=feedback_blocks if settings.feedback else None,
             )
             queue = JobQueue(
                 client,

@@ -133,6 +133,7 @@ class Settings(BaseSettings):
     transcribe_model: str | None = None
 
     stream_mode: StreamMode = "auto"
+    feedback: bool = True  # thumbs-up/down buttons under every finished answer
     history_ttl_seconds: Annotated[int, Field(ge=60)] = 30 * 24 * 3600
     history_max_messages: Annotated[int, Field(ge=2)] = 10000
 

@@ -40,12 +40,23 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from bot.domain import Deletion, Incoming, ReplyLog, SlackFile, SlackMessage, ThreadKey, valid_text
+from bot.domain import (
+    Deletion,
+    Incoming,
+    Rated,
+    ReplyLog,
+    SlackFile,
+    SlackMessage,
+    ThreadKey,
+    valid_text,
+)
 from bot.errors import SlackError
 from bot.observability import SLACK_ERRORS
 
 log = logging.getLogger(__name__)
 
+# Blocks shown under a finished answer (the feedback buttons), from what it may be rated under.
+AnswerBlocks = Callable[[Rated], list[dict[str, Any]]]
 StreamMode = Literal["auto", "native", "update", "off"]
 
 # The bot token scopes manifest.yaml asks for (a test keeps the two the same); `check` compares.
@@ -136,6 +147,71 @@ class _FileDeleted(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     file_id: _SlackId
+
+
+class _Id(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: _SlackId
+
+
+class _Container(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message_ts: _SlackTs
+    channel_id: _SlackId
+    thread_ts: _SlackTs | None = None
+
+
+class _Action(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    value: Annotated[StrictStr, Field(max_length=2000)]
+
+
+class _MessageAction(BaseModel):
+    """A ``block_actions`` payload from a button on one of the bot's messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    team: _Id
+    user: _Id
+    container: _Container
+    actions: Annotated[list[_Action], Field(min_length=1)]
+    trigger_id: StrictStr = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonClick:
+    """Someone clicked a button on a message: who, on which message (and its thread), the button's
+    value, and the trigger for opening a modal."""
+
+    team: str
+    user: str
+    channel: str
+    message_ts: str
+    thread_ts: str
+    value: str
+    trigger_id: str
+
+
+def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
+    """The click in a ``block_actions`` payload from a message's button, if it is well formed."""
+    try:
+        payload = _MessageAction.model_validate(body)
+    except ValidationError as exc:
+        _malformed("block_actions", exc)
+        return None
+    container = payload.container
+    return ButtonClick(
+        team=payload.team.id,
+        user=payload.user.id,
+        channel=container.channel_id,
+        message_ts=container.message_ts,
+        thread_ts=container.thread_ts or container.message_ts,
+        value=payload.actions[0].value,
+        trigger_id=payload.trigger_id,
+    )
 
 
 def is_slack_id(value: object) -> bool:
@@ -397,8 +473,10 @@ class SlackReplyStream:
         on_native_refused: Callable[[str], None],
         log: ReplyLog,
         flush_interval: float = FLUSH_INTERVAL_SECONDS,
+        answer_blocks: AnswerBlocks | None = None,
     ) -> None:
         self._client = client
+        self._answer_blocks = answer_blocks
         self._incoming = incoming
         self._channel = incoming.key.channel
         self._thread_ts = incoming.key.thread_ts
@@ -443,11 +521,12 @@ class SlackReplyStream:
         if time.monotonic() - self._last_flush >= self._flush_interval:
             await self._flush()
 
-    async def finish(self, footnote: str | None = None) -> None:
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
         await self._add(self._guard.flush())
         if footnote:
             await self._add(("\n\n" if self._text.strip() else "") + safe_output(footnote))
-        await self._end("done")
+        blocks = self._answer_blocks(rated) if self._answer_blocks and rated else None
+        await self._end("done", blocks)
 
     async def fail(self, message: str) -> None:
         await self._add(self._guard.flush())
@@ -460,8 +539,8 @@ class SlackReplyStream:
             self._mode = "update"  # one short message, posted whole rather than streamed
         await self._end("notice")
 
-    async def _end(self, state: str) -> None:
-        await self._complete_message(state)
+    async def _end(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        await self._complete_message(state, blocks)
         # A retried job may need fewer messages than the attempt before it wrote.
         for ts in self._log.parts[self._part + 1 :]:
             try:
@@ -596,34 +675,56 @@ class SlackReplyStream:
         except _FAILURES as exc:
             raise _slack_error("conversations_replies", exc) from exc
 
-    async def _complete_message(self, state: str) -> None:
-        """Finish the current Slack message with all of its text, marked with ``state``."""
+    async def _complete_message(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        """Finish the current Slack message with all of its text, marked with ``state``, and ``blocks``
+        (the feedback buttons) under it."""
         if not self._text.strip():
             return
         if self._ts is None:
             # Written whole, marked with its state; a native stream still has to be stopped.
             await self._start(state)
             self._sent = len(self._text)
+            if blocks and not self._streaming:
+                await self._update(state, blocks)  # a message is created with its text only
         elif not self._streaming:
-            await self._update(state)
+            await self._update(state, blocks)
         if self._streaming:
             rest = self._text[self._sent :] or None
-            await self._native("chat_stopStream", state, markdown_text=rest, metadata=self._metadata(state))
+            extra = {"blocks": blocks} if blocks else {}
+            await self._native(
+                "chat_stopStream", state, blocks, markdown_text=rest, metadata=self._metadata(state), **extra
+            )
         self._sent = len(self._text)
         self._last_flush = time.monotonic()
 
-    async def _update(self, state: str) -> None:
-        await self._call("chat_update", ts=self._ts, markdown_text=self._text, metadata=self._metadata(state))
+    async def _update(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        if not blocks:
+            await self._call(
+                "chat_update", ts=self._ts, markdown_text=self._text, metadata=self._metadata(state)
+            )
+            return
+        # markdown_text cannot go with blocks: the text then travels as a markdown block, and as the
+        # message's plain text (what notifications and thread reads show).
+        await self._call(
+            "chat_update",
+            ts=self._ts,
+            text=self._text,
+            blocks=[{"type": "markdown", "text": self._text}, *blocks],
+            metadata=self._metadata(state),
+        )
 
-    async def _native(self, method: str, state: str, **args: Any) -> None:
-        """A native streaming call; if the stream broke server-side, show the full text with chat.update."""
+    async def _native(
+        self, method: str, state: str, blocks_if_broken: list[dict[str, Any]] | None = None, **args: Any
+    ) -> None:
+        """A native streaming call; if the stream broke server-side, show the full text (and
+        ``blocks_if_broken``) with chat.update."""
         try:
             await getattr(self._client, method)(channel=self._channel, ts=self._ts, **args)
         except _FAILURES as exc:
             log.info("%s failed (%s); switching to chat.update", method, type(exc).__name__)
             self._streaming = False
             self._mode = "update"
-            await self._update(state)
+            await self._update(state, blocks_if_broken)
 
     async def _call(self, method: str, **args: Any) -> Any:
         try:
@@ -643,12 +744,14 @@ class SlackAdapter:
         bot_user_id: str,
         bot_id: str,
         stream_mode: StreamMode = "auto",
+        answer_blocks: AnswerBlocks | None = None,
     ) -> None:
         self._client = client
         self._names = names
         self.bot_user_id = bot_user_id
         self.bot_id = bot_id
         self._stream_mode = stream_mode
+        self._answer_blocks = answer_blocks
         # Channels where Slack refused native streaming: later replies there go straight to post+update.
         self._native_refused: set[str] = set()
 
@@ -793,7 +896,9 @@ class SlackAdapter:
         mode = self._stream_mode
         if mode == "auto" and incoming.key.channel in self._native_refused:
             mode = "update"
-        return SlackReplyStream(self._client, incoming, mode, self._native_refused.add, log)
+        return SlackReplyStream(
+            self._client, incoming, mode, self._native_refused.add, log, answer_blocks=self._answer_blocks
+        )
 
     # What commands, the persona editor and App Home say and ask. Everything said is ``safe_output``.
 

@@ -1,19 +1,24 @@
-"""``/usage``: this month's tokens and estimated cost, for the channel and the person who asks; admins
-(``PERSONA_ADMINS``) also see the workspace total and the top channels and users. Answered through the
-command's ``response_url``, like every command's answer."""
+"""``/usage``: this month's tokens and estimated cost, for the channel and the person who asks, and how
+helpful the channel found the answers (per persona and model); admins (``PERSONA_ADMINS``) also see the
+workspace total, the top channels and users, the whole workspace's helpfulness and the newest
+comments. Answered through the command's ``response_url``, like every command's answer."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from bot.errors import BotError
+from bot.feedback import FeedbackStore, Helpfulness
 from bot.persona_commands import Invocation, PersonaCommands
 from bot.slack import SlackAdapter
 from bot.usage import RedisUsage
 
 log = logging.getLogger(__name__)
+
+RECENT_COMMENTS = 5
 
 
 def _figures(month: Mapping[str, int], scope: str) -> str:
@@ -23,6 +28,11 @@ def _figures(month: Mapping[str, int], scope: str) -> str:
     estimated = month.get(f"{scope}:estimated", 0)
     note = f", {estimated} estimated with tiktoken" if estimated else ""
     return f"{tokens:,} tokens in {replies:,} replies, about ${cost:,.2f}{note}"
+
+
+def _helpful(row: Helpfulness) -> str:
+    votes = row.up + row.down
+    return f"• {row.persona} on {row.model}: {round(100 * row.up / votes)}% helpful ({row.up} of {votes})"
 
 
 def _top(month: Mapping[str, int], kind: str, mention: str, count: int = 5) -> list[str]:
@@ -36,12 +46,14 @@ def _top(month: Mapping[str, int], kind: str, mention: str, count: int = 5) -> l
 
 
 class UsageReport:
-    """``/usage``: this month's tokens and estimated cost, for the channel and the caller; admins also
-    get the workspace total and the top channels and users."""
+    """``/usage``: this month's tokens, estimated cost and helpfulness (see the module docstring)."""
 
-    def __init__(self, slack: SlackAdapter, usage: RedisUsage, personas: PersonaCommands) -> None:
+    def __init__(
+        self, slack: SlackAdapter, usage: RedisUsage, feedback: FeedbackStore, personas: PersonaCommands
+    ) -> None:
         self._slack = slack
         self._usage = usage
+        self._feedback = feedback
         self._personas = personas
 
     async def command(self, body: Mapping[str, Any]) -> None:
@@ -61,8 +73,18 @@ class UsageReport:
             f"This channel: {_figures(month, f'ch:{channel}')}",
             f"You: {_figures(month, f'u:{user}')}",
         ]
-        if await self._personas.is_admin(user):
+        admin = await self._personas.is_admin(user)
+        if admin:
             lines += [f"Workspace: {_figures(month, 'all')}", "*Top channels*"]
             lines += [*_top(month, "ch", "<#{}>"), "*Top users*", *_top(month, "u", "<@{}>")]
         lines.append("_Costs are estimates from the price table._")
+        this_month = time.strftime("%Y-%m", time.gmtime())
+        rows = await self._feedback.helpfulness(team, this_month, None if admin else channel)
+        lines.append("*Helpful answers this month*" + ("" if admin else " (this channel)"))
+        lines += [_helpful(row) for row in rows] or ["No feedback yet."]
+        if admin:
+            comments = await self._feedback.recent_comments(team, RECENT_COMMENTS)
+            if comments:
+                lines.append("*Recent comments on unhelpful answers*")
+                lines += [f"• <#{c.channel}>, {c.persona} on {c.model}: “{c.text}”" for c in comments]
         return "\n".join(lines)

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from bot.domain import Persona
+from bot.domain import Persona, Rated
 from bot.params import PARAMS, ChatParam, persona_value
 from bot.personas import ALLOWED, NAME_PATTERN, NAME_RULE, Assignment, Change
 
@@ -191,3 +191,58 @@ def home_view(
     listing = "\n".join(f"• *{name}* ({origin})" for name, (_, origin) in named.items()) or "None yet."
     blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Named personas*\n{listing}"}})
     return {"type": "home", "blocks": blocks}
+
+
+# Feedback --------------------------------------------------------------------------------------------
+
+FEEDBACK_ACTION = "answer_feedback"
+FEEDBACK_COMMENT_CALLBACK = "feedback_comment"
+COMMENT_BLOCK = "comment"
+COMMENT_INPUT = "text"
+COMMENT_MAX_CHARS = 300
+
+
+def feedback_value(rated: Rated, vote: str) -> str:
+    """What a feedback button carries: the vote, and the persona, model and day of the answer."""
+    return json.dumps({"v": vote, "p": rated.persona, "m": rated.model[:200], "d": rated.day})
+
+
+def feedback_blocks(rated: Rated) -> list[dict[str, Any]]:
+    """The thumbs-up/down buttons under a finished answer (Slack's ``feedback_buttons``)."""
+
+    def button(text: str, vote: str, label: str) -> dict[str, Any]:
+        plain = {"type": "plain_text", "text": text}
+        return {"text": plain, "value": feedback_value(rated, vote), "accessibility_label": label}
+
+    buttons = {
+        "type": "feedback_buttons",
+        "action_id": FEEDBACK_ACTION,
+        "positive_button": button("Good answer", "up", "Mark this answer as helpful"),
+        "negative_button": button("Bad answer", "down", "Mark this answer as not helpful"),
+    }
+    return [{"type": "context_actions", "elements": [buttons]}]
+
+
+def feedback_comment_view(private_metadata: str) -> dict[str, Any]:
+    """The optional one-line comment after a thumbs-down."""
+    return {
+        "type": "modal",
+        "callback_id": FEEDBACK_COMMENT_CALLBACK,
+        "private_metadata": private_metadata,
+        "title": {"type": "plain_text", "text": "What went wrong?"},
+        "submit": {"type": "plain_text", "text": "Send"},
+        "close": {"type": "plain_text", "text": "Skip"},
+        "blocks": [
+            {
+                "type": "input",
+                "block_id": COMMENT_BLOCK,
+                "optional": True,
+                "label": {"type": "plain_text", "text": "One line for whoever runs the bot (optional)"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": COMMENT_INPUT,
+                    "max_length": COMMENT_MAX_CHARS,
+                },
+            }
+        ],
+    }

@@ -58,6 +58,47 @@ def _user(uid: str, name: str, real_name: str, *, is_bot: bool = False) -> dict[
     return {**user, "deleted": False, "tz": "Europe/London", "profile": profile}
 
 
+def _check_message_args(args: dict[str, Any]) -> None:
+    """As Slack does: ``markdown_text`` goes with neither ``text`` nor ``blocks``; blocks well formed."""
+    if args.get("markdown_text") and (args.get("text") or args.get("blocks")):
+        raise SlackError("invalid_arguments")
+    _check_blocks(args.get("blocks"))
+
+
+def _check_blocks(blocks: Any) -> None:
+    """The blocks the bot uses, checked as Slack checks them (``invalid_blocks`` otherwise): markdown
+    (at most 12,000 characters), and context_actions holding feedback_buttons with both buttons."""
+    for block in blocks or []:
+        kind = block.get("type")
+        if kind == "markdown":
+            ok = isinstance(block.get("text"), str) and 0 < len(block["text"]) <= 12_000
+        elif kind == "context_actions":
+            ok = bool(block.get("elements")) and all(_good_feedback(e) for e in block["elements"])
+        else:
+            ok = kind in ("section", "header", "context", "divider", "actions", "input")
+        if not ok:
+            raise SlackError("invalid_blocks")
+
+
+def _good_feedback(element: dict[str, Any]) -> bool:
+    def good(button: Any) -> bool:
+        text = (button or {}).get("text") or {}
+        value = (button or {}).get("value")
+        return (
+            text.get("type") == "plain_text"
+            and bool(text.get("text"))
+            and isinstance(value, str)
+            and len(value) <= 2000
+        )
+
+    return (
+        element.get("type") == "feedback_buttons"
+        and bool(element.get("action_id"))
+        and good(element.get("positive_button"))
+        and good(element.get("negative_button"))
+    )
+
+
 def _set_metadata(msg: dict[str, Any], args: dict[str, Any]) -> None:
     """Keep a message's metadata as Slack does: set by the call that carries it, else unchanged."""
     metadata = args.get("metadata")
@@ -354,6 +395,33 @@ class FakeSlack:
         await self.wait_ack(envelope_id)
         return self.ack_payloads[envelope_id]
 
+    async def click_feedback(self, channel: str, ts: str, user: str, *, positive: bool) -> dict[str, Any]:
+        """``user`` clicks the thumbs-up (``positive``) or thumbs-down under the bot's message ``ts``, as
+        Slack shows it: the button must be there. Returns the ack payload."""
+        msg = self._messages[channel][ts]
+        [buttons] = [
+            element
+            for block in msg.get("blocks") or []
+            if block.get("type") == "context_actions"
+            for element in block["elements"]
+            if element.get("type") == "feedback_buttons"
+        ]
+        button = buttons["positive_button" if positive else "negative_button"]
+        container = {"type": "message", "message_ts": ts, "channel_id": channel, "is_ephemeral": False}
+        if msg.get("thread_ts"):
+            container["thread_ts"] = msg["thread_ts"]
+        action = {"type": "feedback_buttons", "action_id": buttons["action_id"], "value": button["value"]}
+        return await self.send_interaction(
+            {
+                "type": "block_actions",
+                "user": {"id": user, "team_id": TEAM_ID},
+                "container": container,
+                "channel": {"id": channel},
+                "message": dict(msg),
+                "actions": [{**action, "block_id": "b1", "action_ts": self.next_ts()}],
+            }
+        )
+
     def _response_url(self, user: str) -> str:
         response_id = uuid.uuid4().hex[:12]
         self._responders[response_id] = user
@@ -524,10 +592,12 @@ class FakeSlack:
         return {"bot": {**bot, "icons": {}}}
 
     def _post_message(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_message_args(args)
         msg = self._bot_message(args, args.get("markdown_text") or args.get("text") or "")
         return {"channel": args["channel"], "ts": msg["ts"], "message": dict(msg)}
 
     def _update(self, args: dict[str, Any]) -> dict[str, Any]:
+        _check_message_args(args)
         msg = self._find(args)
         msg["text"] = args.get("markdown_text") or args.get("text") or ""
         if "blocks" in args:
@@ -548,6 +618,7 @@ class FakeSlack:
         if not self._streaming.get(key):
             raise SlackError("message_not_in_streaming_state")
         msg["text"] += (args.get("markdown_text") or "") + _chunk_text(args.get("chunks"))
+        _check_blocks(args.get("blocks"))
         if "blocks" in args:
             msg["blocks"] = args["blocks"]
         _set_metadata(msg, args)

@@ -22,6 +22,7 @@ from bot.domain import (
     Incoming,
     JobProgress,
     Persona,
+    Rated,
     ReplyLog,
     SlackFile,
     SlackMessage,
@@ -160,6 +161,7 @@ class RecordingReply:
     incoming: Incoming
     log: ReplyLog
     events: list[tuple[str, str | None]] = field(default_factory=list)
+    rated: Rated | None = None  # what the finished answer may be rated under
 
     async def thinking(self) -> None:
         self.events.append(("thinking", None))
@@ -167,8 +169,9 @@ class RecordingReply:
     async def append(self, text: str) -> None:
         self.events.append(("append", text))
 
-    async def finish(self, footnote: str | None = None) -> None:
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
         self.events.append(("finish", footnote))
+        self.rated = rated
 
     async def fail(self, message: str) -> None:
         self.events.append(("fail", message))

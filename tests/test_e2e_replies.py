@@ -194,4 +194,7 @@ async def test_a_native_stream_that_breaks_midway_is_finished_with_chat_update(h
             lambda: bot_texts(harness, "C1", ts) == ["".join(words)], what="full text"
         )
     assert len(harness.slack.calls_to("chat.startStream")) == 1
-    assert harness.slack.calls_to("chat.update")[-1].args["markdown_text"] == "".join(words)
+    last = harness.slack.calls_to("chat.update")[-1].args  # the finished answer, with its feedback buttons
+    assert last["text"] == "".join(words)
+    assert [b["type"] for b in last["blocks"]] == ["markdown", "context_actions"]
+    assert last["blocks"][0]["text"] == "".join(words)
