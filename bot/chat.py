@@ -111,7 +111,7 @@ class TerminalReply:
     def __init__(self, screen: Screen) -> None:
         self._screen = screen
 
-    async def thinking(self) -> None:
+    async def thinking(self, title: str | None = None) -> None:
         self._screen.label("bot")
 
     async def append(self, text: str) -> None:

@@ -60,6 +60,7 @@ PICTURES_REFUSED = "_(The model at this endpoint refused images, so I answered f
 # A mention in a thread the bot has never seen reads the files of the newest earlier messages, up to this
 # many; older ones are named in the history but not downloaded (they would rarely fit the budget).
 THREAD_FILES_READ = 10
+TITLE_CHARS = 80
 TOO_FAR_BACK = "too far back in the thread"
 
 
@@ -199,6 +200,14 @@ def build_context(
     )
 
 
+def _title(question: str) -> str:
+    """A thread's title from its first question: its first line, cut at a word near 80 characters."""
+    line = question.strip().split("\n", 1)[0]
+    if len(line) <= TITLE_CHARS:
+        return line
+    return line[:TITLE_CHARS].rsplit(" ", 1)[0] + "…"
+
+
 def _files_to_read(messages: Sequence[SlackMessage]) -> list[bool]:
     """For each message, oldest first: whether to read its files (those of the newest messages, up to
     ``THREAD_FILES_READ`` files)."""
@@ -334,7 +343,9 @@ class Responder:
         """Answer and store; what the reply used, or None when the model failed.
         ``prelude`` is a line for the asker before the answer (not part of it)."""
         incoming = job.incoming
-        await reply.thinking()
+        # The assistant pane's threads are DM threads; the first question there names the thread.
+        first = incoming.is_dm and incoming.in_thread and not context.turns and not context.trimmed
+        await reply.thinking(title=_title(question.text) if first else None)
         if prelude:
             await reply.append(prelude + "\n\n")
         try:

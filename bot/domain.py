@@ -245,6 +245,7 @@ class Persona:
     reasoning_effort: str | None = None
     service_tier: str | None = None
     vision: Literal["auto", "on", "off"] | None = None
+    suggested_prompts: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,8 +407,9 @@ class Rated:
 class ReplyStream(Protocol):
     """Everything the bot writes into a thread for one job: an answer as it streams, or a notice."""
 
-    async def thinking(self) -> None:
-        """Show that the bot is working, where Slack allows it."""
+    async def thinking(self, title: str | None = None) -> None:
+        """Show that the bot is working, where Slack allows it; ``title`` names the thread (its first
+        question, in the assistant pane)."""
         ...
 
     async def append(self, text: str) -> None: ...

@@ -31,6 +31,7 @@ from slack_bolt.authorization import AuthorizeResult
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.assistant import AssistantPane
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import Feedback
 from bot.jobs import JobQueue
@@ -139,6 +140,9 @@ def bolt_app(services: Services) -> AsyncApp:
     _manage_personas(app, commands)
     _report_usage(app, UsageReport(slack.adapter, services.usage, services.feedback, commands))
     _take_feedback(app, Feedback(services.feedback, slack.adapter))
+    _greet_in_the_assistant_pane(
+        app, AssistantPane(slack.adapter, services.personas, settings.suggested_prompts)
+    )
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
@@ -210,6 +214,15 @@ def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
 
 def _report_usage(app: AsyncApp, report: UsageReport) -> None:
     app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", _body_only(report.command))])
+
+
+def _greet_in_the_assistant_pane(app: AsyncApp, pane: AssistantPane) -> None:
+    async def started() -> None:
+        pass  # events are acknowledged by Bolt itself
+
+    app.event("assistant_thread_started")(
+        ack=started, lazy=[_after_ack("greeting an assistant thread", _body_only(pane.thread_started))]
+    )
 
 
 def _take_feedback(app: AsyncApp, feedback: Feedback) -> None:

@@ -1,6 +1,6 @@
 """The chat parameters: every model setting a persona or the settings may set, defined once: the Chat
-Completions parameters, and ``vision`` (whether the model is shown images), which the bot keeps to
-itself.
+Completions parameters, and two the bot keeps to itself: ``vision`` (whether the model is shown images)
+and ``suggested_prompts`` (what the assistant pane offers when a thread with the bot opens).
 
 Each ``ChatParam`` gives a parameter's name (the ``Persona`` attribute and the personas-file key), its
 type and range (a pydantic annotation), the setting that gives it to every reply, the editor's label
@@ -29,6 +29,11 @@ def _yaml_switch(value: Any) -> Any:
     # YAML reads an unquoted on/off as true/false; in the personas file they mean what they say.
     return {True: "on", False: "off"}[value] if isinstance(value, bool) else value
 
+
+# The prompts the assistant pane suggests when someone opens a thread with the bot (Slack shows 4).
+SuggestedPrompts = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=200)]], Field(min_length=1, max_length=4)
+]
 
 # Whether the model is shown images: by its name (auto), always, or never.
 Vision = Annotated[Literal["auto", "on", "off"], BeforeValidator(_yaml_switch)]
@@ -121,6 +126,15 @@ PARAMS: tuple[ChatParam, ...] = (
         "Show the model images (auto, on or off)",
         "text",
         "auto (by the model's name), on or off",
+        sent=False,
+    ),
+    ChatParam(
+        "suggested_prompts",
+        SuggestedPrompts,
+        "suggested_prompts",
+        "Prompts suggested in the assistant pane (one per line, at most 4)",
+        "lines",
+        "one to four prompts of at most 200 characters",
         sent=False,
     ),
 )

@@ -22,6 +22,7 @@ from bot.params import (
     Penalty,
     ReplyTokens,
     StopSequences,
+    SuggestedPrompts,
     Temperature,
     TopP,
     Vision,
@@ -104,6 +105,7 @@ class Settings(BaseSettings):
     reasoning_effort: str | None = None
     service_tier: str | None = None
     vision: Vision | None = None  # unset: auto
+    suggested_prompts: SuggestedPrompts | None = None  # unset: the bot's own (bot.assistant)
     # Usage and cost: a price table over the default one, and monthly budgets (unset: no cap).
     prices_file: Path | None = None
     budget_workspace_tokens: Annotated[int, Field(ge=0)] | None = None

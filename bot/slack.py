@@ -22,7 +22,7 @@ import html
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
@@ -83,6 +83,8 @@ SPLIT_AT = MESSAGE_LIMIT - 100
 FENCE_RESERVE = 8  # room to close a code fence at a cut
 FLUSH_INTERVAL_SECONDS = 1.0
 THINKING_STATUS = "is thinking…"
+LOADING_MESSAGES = ("Reading the thread…", "Thinking…", "Writing the answer…")
+
 # Message subtypes that are still a person saying something new.
 _ANSWERABLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
 # Messages worth remembering when reading a thread back: those, and other bots' posts.
@@ -212,6 +214,44 @@ def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
         value=payload.actions[0].value,
         trigger_id=payload.trigger_id,
     )
+
+
+class _AssistantThread(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    user_id: _SlackId
+    channel_id: _SlackId
+    thread_ts: _SlackTs
+
+
+class _AssistantThreadStarted(BaseModel):
+    """An ``assistant_thread_started`` event, as far as the bot uses it."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    team_id: _SlackId
+    event: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantThread:
+    """A thread someone opened with the bot in the assistant pane (in their DM with it)."""
+
+    team: str
+    user: str
+    channel: str
+    thread_ts: str
+
+
+def parse_assistant_thread(body: Mapping[str, Any]) -> AssistantThread | None:
+    """The thread an ``assistant_thread_started`` event names, if it is well formed."""
+    try:
+        outer = _AssistantThreadStarted.model_validate(body)
+        thread = _AssistantThread.model_validate(outer.event.get("assistant_thread") or {})
+    except ValidationError as exc:
+        _malformed("assistant_thread_started", exc)
+        return None
+    return AssistantThread(outer.team_id, thread.user_id, thread.channel_id, thread.thread_ts)
 
 
 def is_slack_id(value: object) -> bool:
@@ -494,18 +534,29 @@ class SlackReplyStream:
         self._status: asyncio.Task[None] | None = None
         self._guard = OutputGuard()  # the model's text may try to notify a whole channel
 
-    async def thinking(self) -> None:
+    async def thinking(self, title: str | None = None) -> None:
         # Sent alongside the model request rather than before it; the first write waits for it, so the
-        # status never lands after the text.
-        self._status = asyncio.create_task(self._set_status())
+        # status never lands after the text (Slack clears it when the answer is posted).
+        self._status = asyncio.create_task(self._set_status(title))
 
-    async def _set_status(self) -> None:
+    async def _set_status(self, title: str | None) -> None:
+        # Only assistant threads take a title and a status; elsewhere Slack says no and the answer just
+        # starts.
+        if title:
+            try:
+                await self._client.assistant_threads_setTitle(
+                    channel_id=self._channel, thread_ts=self._thread_ts, title=title
+                )
+            except _FAILURES as exc:
+                log.debug("no thread title here: %s", type(exc).__name__)
         try:
             await self._client.assistant_threads_setStatus(
-                channel_id=self._channel, thread_ts=self._thread_ts, status=THINKING_STATUS
+                channel_id=self._channel,
+                thread_ts=self._thread_ts,
+                status=THINKING_STATUS,
+                loading_messages=list(LOADING_MESSAGES),
             )
         except _FAILURES as exc:
-            # Only assistant threads accept a status; elsewhere Slack says no and the answer just starts.
             log.debug("no thinking status here: %s", type(exc).__name__)
 
     async def append(self, text: str) -> None:
@@ -572,27 +623,29 @@ class SlackReplyStream:
         if self._status is not None:
             await self._status
 
-    async def _start(self, state: str) -> None:
-        """Put the current message in Slack with all its text so far: the message an earlier attempt
-        wrote in this place, rewritten, or a new one."""
+    async def _start(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        """Put the current message in Slack with all its text so far (and ``blocks``, unless it becomes
+        a native stream): the message an earlier attempt wrote in this place, rewritten, or a new one."""
         await self._status_sent()
-        if self._part < len(self._log.parts) and await self._rewrite(self._log.parts[self._part], state):
+        if self._part < len(self._log.parts) and await self._rewrite(
+            self._log.parts[self._part], state, blocks
+        ):
             return
         found = None
         if self._log.attempt > 1 and self._part == len(self._log.parts):
             found = await self._find_part()  # written by an attempt that died before recording it
-        if found is not None and await self._rewrite(found, state):
+        if found is not None and await self._rewrite(found, state, blocks):
             await self._log.record(self._part, found)
             return
-        self._ts = await self._create(state)
+        self._ts = await self._create(state, blocks)
         await self._log.record(self._part, self._ts)
 
-    async def _rewrite(self, ts: str, state: str) -> bool:
+    async def _rewrite(self, ts: str, state: str, blocks: list[dict[str, Any]] | None = None) -> bool:
         """Make an earlier attempt's message this one; False when it is gone or Slack refuses to edit it
         (then it is deleted, if Slack lets it, so that the thread does not show it beside the new one)."""
         try:
             await self._client.chat_update(
-                channel=self._channel, ts=ts, markdown_text=self._text, metadata=self._metadata(state)
+                channel=self._channel, ts=ts, metadata=self._metadata(state), **self._body(blocks)
             )
         except _FAILURES as exc:
             if _transient(exc):
@@ -605,7 +658,7 @@ class SlackReplyStream:
         self._ts, self._streaming = ts, False
         return True
 
-    async def _create(self, state: str) -> str:
+    async def _create(self, state: str, blocks: list[dict[str, Any]] | None = None) -> str:
         if self._mode == "native":
             try:
                 ts = await self._create_once(
@@ -627,7 +680,7 @@ class SlackReplyStream:
                 self._on_native_refused(self._channel)
                 self._mode = "update"
         return await self._create_once(
-            "chat_postMessage", state, thread_ts=self._thread_ts, markdown_text=self._text
+            "chat_postMessage", state, thread_ts=self._thread_ts, **self._body(blocks)
         )
 
     async def _create_once(self, method: str, state: str, **args: Any) -> str:
@@ -682,10 +735,8 @@ class SlackReplyStream:
             return
         if self._ts is None:
             # Written whole, marked with its state; a native stream still has to be stopped.
-            await self._start(state)
+            await self._start(state, blocks)
             self._sent = len(self._text)
-            if blocks and not self._streaming:
-                await self._update(state, blocks)  # a message is created with its text only
         elif not self._streaming:
             await self._update(state, blocks)
         if self._streaming:
@@ -698,20 +749,15 @@ class SlackReplyStream:
         self._last_flush = time.monotonic()
 
     async def _update(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
+        await self._call("chat_update", ts=self._ts, metadata=self._metadata(state), **self._body(blocks))
+
+    def _body(self, blocks: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """The current message's text for a post or an edit, with ``blocks`` under it. markdown_text
+        cannot go with blocks: the text then travels as a markdown block, and as the message's plain
+        text (what notifications and thread reads show)."""
         if not blocks:
-            await self._call(
-                "chat_update", ts=self._ts, markdown_text=self._text, metadata=self._metadata(state)
-            )
-            return
-        # markdown_text cannot go with blocks: the text then travels as a markdown block, and as the
-        # message's plain text (what notifications and thread reads show).
-        await self._call(
-            "chat_update",
-            ts=self._ts,
-            text=self._text,
-            blocks=[{"type": "markdown", "text": self._text}, *blocks],
-            metadata=self._metadata(state),
-        )
+            return {"markdown_text": self._text}
+        return {"text": self._text, "blocks": [{"type": "markdown", "text": self._text}, *blocks]}
 
     async def _native(
         self, method: str, state: str, blocks_if_broken: list[dict[str, Any]] | None = None, **args: Any
@@ -928,6 +974,23 @@ class SlackAdapter:
     async def announce(self, channel: str, text: str) -> None:
         """One line everybody in ``channel`` sees."""
         await _api(self._client, "chat_postMessage", channel=channel, text=safe_output(text))
+
+    async def greet_assistant_thread(
+        self, channel: str, thread_ts: str, greeting: str, prompts: Sequence[str]
+    ) -> None:
+        """A new assistant-pane thread: the greeting in it, and the prompts the pane suggests."""
+        await _api(
+            self._client, "chat_postMessage", channel=channel, thread_ts=thread_ts, text=safe_output(greeting)
+        )
+        suggested = [{"title": safe_output(p)[:75], "message": safe_output(p)} for p in prompts]
+        await _api(
+            self._client,
+            "assistant_threads_setSuggestedPrompts",
+            channel_id=channel,
+            thread_ts=thread_ts,
+            title="Try asking",
+            prompts=suggested,
+        )
 
     async def open_view(self, trigger_id: str, view: Mapping[str, Any]) -> None:
         await _api(self._client, "views_open", trigger_id=trigger_id, view=view)

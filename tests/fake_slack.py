@@ -58,6 +58,23 @@ def _user(uid: str, name: str, real_name: str, *, is_bot: bool = False) -> dict[
     return {**user, "deleted": False, "tz": "Europe/London", "profile": profile}
 
 
+def _require(args: dict[str, Any], *names: str) -> dict[str, Any]:
+    if not all(args.get(name) for name in names):
+        raise SlackError("invalid_arguments")
+    return {}
+
+
+def _suggested_prompts(args: dict[str, Any]) -> dict[str, Any]:
+    """As Slack checks them: one to four prompts, each with a title and a message."""
+    prompts = args.get("prompts")
+    _require(args, "channel_id", "thread_ts")
+    if not isinstance(prompts, list) or not 1 <= len(prompts) <= 4:
+        raise SlackError("invalid_arguments")
+    if not all(isinstance(p, dict) and p.get("title") and p.get("message") for p in prompts):
+        raise SlackError("invalid_arguments")
+    return {}
+
+
 def _check_message_args(args: dict[str, Any]) -> None:
     """As Slack does: ``markdown_text`` goes with neither ``text`` nor ``blocks``; blocks well formed."""
     if args.get("markdown_text") and (args.get("text") or args.get("blocks")):
@@ -159,6 +176,8 @@ class FakeSlack:
             "chat.appendStream": self._append_stream,
             "chat.stopStream": lambda args: self._append_stream(args, stop=True),
             "assistant.threads.setStatus": lambda _: {},
+            "assistant.threads.setTitle": lambda args: _require(args, "channel_id", "thread_ts", "title"),
+            "assistant.threads.setSuggestedPrompts": _suggested_prompts,
             "conversations.replies": self._replies,
             "users.info": self._users_info,
             "chat.postEphemeral": lambda _: {"message_ts": self.next_ts()},

@@ -163,8 +163,8 @@ class RecordingReply:
     events: list[tuple[str, str | None]] = field(default_factory=list)
     rated: Rated | None = None  # what the finished answer may be rated under
 
-    async def thinking(self) -> None:
-        self.events.append(("thinking", None))
+    async def thinking(self, title: str | None = None) -> None:
+        self.events.append(("thinking", title))
 
     async def append(self, text: str) -> None:
         self.events.append(("append", text))

@@ -78,7 +78,8 @@ async def test_a_burst_far_larger_than_the_pool_is_answered_in_full(
         )
     posts = harness.slack.calls_to("chat.postMessage")
     assert len(posts) == count
-    assert {p.args["markdown_text"] for p in posts} == {"ok"}
+    assert {p.args["text"] for p in posts} == {"ok"}  # each posted whole, its feedback buttons with it
+    assert len(harness.slack.calls_to("chat.update")) == 0
     assert len({p.args["channel"] for p in posts}) == count
     assert [
         r.getMessage() for r in caplog.records if r.name.startswith("bot")
