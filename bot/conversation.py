@@ -21,6 +21,7 @@ from bot.domain import (
     REPLY_PRIMING_TOKENS,
     Attachment,
     BudgetCheck,
+    ChannelExcerpt,
     ChatMessage,
     ChatModel,
     FileReader,
@@ -29,6 +30,7 @@ from bot.domain import (
     Incoming,
     Job,
     JobProgress,
+    PaneContext,
     Persona,
     PersonaSource,
     Rated,
@@ -62,6 +64,7 @@ PICTURES_REFUSED = "_(The model at this endpoint refused images, so I answered f
 THREAD_FILES_READ = 10
 TITLE_CHARS = 80
 TOO_FAR_BACK = "too far back in the thread"
+CHANNEL_READ = "_(I read the last {count} messages of <#{channel}>, from {oldest} to {newest} UTC.)_"
 
 
 class Spent(NamedTuple):
@@ -239,6 +242,7 @@ class Responder:
         max_prompt_tokens: int,
         usage: UsageLedger | None = None,
         files: FileReader | None = None,
+        pane: PaneContext | None = None,
     ) -> None:
         self.history = history
         self.model = model
@@ -248,6 +252,7 @@ class Responder:
         self.max_prompt_tokens = max_prompt_tokens
         self.usage = usage
         self.files = files
+        self.pane = pane
 
     async def respond(self, job: Job) -> Spent | None:
         """Answer the job's message in its thread; a retried job finishes what the attempt before it
@@ -273,7 +278,8 @@ class Responder:
                     return None
                 if incoming.in_thread:
                     await self._read_thread_if_unseen(incoming)
-                question = await self._question(incoming, text)
+                excerpt = await self._channel_excerpt(incoming, text)
+                question = await self._question(incoming, text, excerpt)
                 persona = await self.personas.resolve(incoming.key, requested)
                 pictures = self.model.sees_images(persona)
                 context = await self._context(incoming, persona, question, self.max_prompt_tokens, pictures)
@@ -283,7 +289,7 @@ class Responder:
                     return None
                 if not progress.question_stored:
                     await self.history.store_question(incoming.key, job.id, question)
-                prelude = self._prelude(requested, persona, question, pictures)
+                prelude = self._prelude(requested, persona, question, pictures, excerpt)
                 spent = await self._reply(job, reply, persona, question, context, check, prelude)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
@@ -311,10 +317,25 @@ class Responder:
         )
 
     @staticmethod
-    def _prelude(requested: str | None, persona: Persona, question: Turn, pictures: bool) -> str | None:
+    def _prelude(
+        requested: str | None,
+        persona: Persona,
+        question: Turn,
+        pictures: bool,
+        excerpt: ChannelExcerpt | None,
+    ) -> str | None:
         """The lines for the asker before the answer: a persona asked for that does not exist, files
-        that could not be read and why, images the model will not see."""
+        that could not be read and why, images the model will not see, the span of a channel read (or
+        why it could not be)."""
         lines = []
+        if excerpt is not None:
+            lines.append(
+                f"_({excerpt.problem})_"
+                if excerpt.problem
+                else CHANNEL_READ.format(
+                    count=excerpt.count, channel=excerpt.channel, oldest=excerpt.oldest, newest=excerpt.newest
+                )
+            )
         if requested and persona.name != requested:
             lines.append(UNKNOWN_PERSONA.format(name=requested, persona=persona.name))
         unreadable = [f"{a.file.name} ({a.problem})" for a in question.attachments if a.problem]
@@ -420,9 +441,20 @@ class Responder:
             message.role, message.text, message.ts, message.speaker_id, message.speaker_name, attachments
         )
 
-    async def _question(self, incoming: Incoming, text: str) -> Turn:
+    async def _channel_excerpt(self, incoming: Incoming, text: str) -> ChannelExcerpt | None:
+        """In a thread of the assistant pane (a DM thread), a question about "this channel" reads the
+        channel the person is looking at."""
+        if self.pane is None or not (incoming.is_dm and incoming.in_thread):
+            return None
+        return await self.pane.channel_excerpt(incoming.key, text)
+
+    async def _question(self, incoming: Incoming, text: str, excerpt: ChannelExcerpt | None = None) -> Turn:
+        """The question as a turn: its text (and the channel messages it asks about, stored with it so
+        that follow-ups see them too), its files read."""
         name = await self.slack.display_name(incoming.key.team, incoming.user_id)
         attachments = await self._read_files(incoming, incoming.files)
+        if excerpt is not None and excerpt.text:
+            text = f"{text}\n\n{excerpt.text}"
         return self._turn("user", text, incoming.ts, incoming.user_id, name, attachments)
 
     async def _read_files(self, incoming: Incoming, files: Sequence[SlackFile]) -> list[Attachment]:

@@ -362,6 +362,29 @@ class FileReader(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ChannelExcerpt:
+    """The recent messages of the channel someone views beside the assistant pane, for a question
+    about it: as the model reads them (``text``), and what span they cover; or why it could not be
+    read (``problem``)."""
+
+    channel: str
+    text: str = ""
+    count: int = 0
+    oldest: str = ""  # "YYYY-MM-DD HH:MM" UTC
+    newest: str = ""
+    problem: str = ""
+
+
+class PaneContext(Protocol):
+    """What the assistant pane knows of its threads: the channel the person is looking at."""
+
+    async def channel_excerpt(self, key: ThreadKey, question: str) -> ChannelExcerpt | None:
+        """For a question in a pane thread that asks about "this channel": the recent messages of the
+        channel the person views; None when the question is not about it or no channel is known."""
+        ...
+
+
 class UsageLedger(Protocol):
     """Usage and cost per reply, and the budgets that gate the next one."""
 

@@ -140,9 +140,7 @@ def bolt_app(services: Services) -> AsyncApp:
     _manage_personas(app, commands)
     _report_usage(app, UsageReport(slack.adapter, services.usage, services.feedback, commands))
     _take_feedback(app, Feedback(services.feedback, slack.adapter))
-    _greet_in_the_assistant_pane(
-        app, AssistantPane(slack.adapter, services.personas, settings.suggested_prompts)
-    )
+    _follow_the_assistant_pane(app, slack.pane)
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
@@ -216,12 +214,20 @@ def _report_usage(app: AsyncApp, report: UsageReport) -> None:
     app.command("/usage")(ack=_ack_now, lazy=[_after_ack("/usage", _body_only(report.command))])
 
 
-def _greet_in_the_assistant_pane(app: AsyncApp, pane: AssistantPane) -> None:
-    async def started() -> None:
+def _follow_the_assistant_pane(app: AsyncApp, pane: AssistantPane) -> None:
+    """A new thread in the assistant pane is greeted, and the channel beside it remembered, after the
+    ack."""
+
+    async def acknowledged() -> None:
         pass  # events are acknowledged by Bolt itself
 
     app.event("assistant_thread_started")(
-        ack=started, lazy=[_after_ack("greeting an assistant thread", _body_only(pane.thread_started))]
+        ack=acknowledged,
+        lazy=[_after_ack("greeting an assistant thread", _body_only(pane.thread_started))],
+    )
+    app.event("assistant_thread_context_changed")(
+        ack=acknowledged,
+        lazy=[_after_ack("following the assistant pane", _body_only(pane.context_changed))],
     )
 
 

@@ -22,8 +22,9 @@ import redis.asyncio as redis
 from openai import AsyncOpenAI
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.assistant import AssistantPane
 from bot.conversation import Responder
-from bot.domain import ChatModel, FileReader, Persona, SlackPort
+from bot.domain import ChatModel, FileReader, PaneContext, Persona, SlackPort
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import FeedbackStore
 from bot.files import FileLimits, SlackFiles
@@ -126,6 +127,7 @@ class SlackServices:
     adapter: SlackAdapter
     queue: JobQueue
     files: SlackFiles
+    pane: AssistantPane
 
 
 @dataclass
@@ -145,9 +147,14 @@ class Services:
     slack: SlackServices | None
 
     def responder(
-        self, slack: SlackPort, model: ChatModel | None = None, files: FileReader | None = None
+        self,
+        slack: SlackPort,
+        model: ChatModel | None = None,
+        files: FileReader | None = None,
+        pane: PaneContext | None = None,
     ) -> Responder:
-        """The pipeline, writing to ``slack`` (Slack itself, or the terminal), reading ``files``."""
+        """The pipeline, writing to ``slack`` (Slack itself, or the terminal), reading ``files`` and
+        what the assistant ``pane`` knows."""
         return Responder(
             history=self.history,
             model=model or self.model,
@@ -157,6 +164,7 @@ class Services:
             max_prompt_tokens=self.settings.max_prompt_tokens,
             usage=self.usage,
             files=files,
+            pane=pane,
         )
 
     def require_slack(self) -> SlackServices:
@@ -249,7 +257,17 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 openai=openai_client,
                 transcribe_model=settings.transcribe_model,
             )
-            services.slack = SlackServices(web, identity, adapter, queue, file_reader)
+            pane = AssistantPane(
+                adapter,
+                services.personas,
+                client,
+                counter,
+                prefix=settings.redis_prefix,
+                ttl_seconds=settings.history_ttl_seconds,
+                max_tokens=settings.file_max_tokens,
+                default_prompts=settings.suggested_prompts,
+            )
+            services.slack = SlackServices(web, identity, adapter, queue, file_reader, pane)
             log.info(
                 "connected: team %s, bot user %s, encoding %s",
                 identity.team_id,

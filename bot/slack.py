@@ -216,16 +216,23 @@ def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
     )
 
 
+class _PaneContext(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    channel_id: _SlackId | None = None
+
+
 class _AssistantThread(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     user_id: _SlackId
     channel_id: _SlackId
     thread_ts: _SlackTs
+    context: _PaneContext = _PaneContext()
 
 
-class _AssistantThreadStarted(BaseModel):
-    """An ``assistant_thread_started`` event, as far as the bot uses it."""
+class _AssistantThreadEvent(BaseModel):
+    """An ``assistant_thread_started`` or ``..._context_changed`` event, as far as the bot uses it."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -235,23 +242,29 @@ class _AssistantThreadStarted(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class AssistantThread:
-    """A thread someone opened with the bot in the assistant pane (in their DM with it)."""
+    """A thread someone opened with the bot in the assistant pane (in their DM with it), and the
+    channel they are looking at beside it, if any."""
 
     team: str
     user: str
     channel: str
     thread_ts: str
+    viewing: str | None
 
 
 def parse_assistant_thread(body: Mapping[str, Any]) -> AssistantThread | None:
-    """The thread an ``assistant_thread_started`` event names, if it is well formed."""
+    """The thread an ``assistant_thread_started`` or ``assistant_thread_context_changed`` event names,
+    if it is well formed; only a channel (not a DM) counts as viewed."""
     try:
-        outer = _AssistantThreadStarted.model_validate(body)
+        outer = _AssistantThreadEvent.model_validate(body)
         thread = _AssistantThread.model_validate(outer.event.get("assistant_thread") or {})
     except ValidationError as exc:
-        _malformed("assistant_thread_started", exc)
+        _malformed("assistant_thread", exc)
         return None
-    return AssistantThread(outer.team_id, thread.user_id, thread.channel_id, thread.thread_ts)
+    viewing = thread.context.channel_id
+    if viewing is not None and not viewing.startswith(("C", "G")):
+        viewing = None
+    return AssistantThread(outer.team_id, thread.user_id, thread.channel_id, thread.thread_ts, viewing)
 
 
 def is_slack_id(value: object) -> bool:
@@ -974,6 +987,22 @@ class SlackAdapter:
     async def announce(self, channel: str, text: str) -> None:
         """One line everybody in ``channel`` sees."""
         await _api(self._client, "chat_postMessage", channel=channel, text=safe_output(text))
+
+    async def channel_messages(self, team: str, channel: str, limit: int) -> list[SlackMessage]:
+        """The newest ``limit`` messages of a channel the bot is in, oldest first (one page of
+        ``conversations.history``): people's and other bots', not the bot's own answers."""
+        page = await _api(self._client, "conversations_history", channel=channel, limit=limit)
+        raws = [
+            r
+            for r in page.get("messages") or []
+            if r.get("subtype") in _READABLE_SUBTYPES and not self._is_mine(r)
+        ]
+        users = {r["user"] for r in raws if r.get("user")}.union(
+            *(mentioned_users(r.get("text") or "") for r in raws)
+        )
+        names = {user: await self.display_name(team, user) for user in users - {self.bot_user_id}}
+        messages = [self._thread_message(raw, names) for raw in reversed(raws)]
+        return [m for m in messages if m.text]
 
     async def greet_assistant_thread(
         self, channel: str, thread_ts: str, greeting: str, prompts: Sequence[str]

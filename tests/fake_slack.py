@@ -179,6 +179,7 @@ class FakeSlack:
             "assistant.threads.setTitle": lambda args: _require(args, "channel_id", "thread_ts", "title"),
             "assistant.threads.setSuggestedPrompts": _suggested_prompts,
             "conversations.replies": self._replies,
+            "conversations.history": self._history,
             "users.info": self._users_info,
             "chat.postEphemeral": lambda _: {"message_ts": self.next_ts()},
             "conversations.members": lambda args: {
@@ -667,6 +668,21 @@ class FakeSlack:
         page, more = messages[start : start + limit], start + limit < len(messages)
         next_cursor = f"offset_{start + limit}" if more else ""
         return {"messages": page, "has_more": more, "response_metadata": {"next_cursor": next_cursor}}
+
+    def _history(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A channel's messages outside threads (and threads' parents), newest first; only in channels
+        the bot is in (``bot_channels``), as Slack answers ``not_in_channel`` otherwise."""
+        channel = str(args.get("channel"))
+        if channel not in {c["id"] for c in self.bot_channels}:
+            raise SlackError("not_in_channel")
+        messages = [
+            copy.deepcopy(m)
+            for m in self._messages.get(channel, {}).values()
+            if m.get("thread_ts") in (None, m["ts"])
+        ]
+        messages.sort(key=lambda m: Decimal(m["ts"]), reverse=True)
+        limit = min(max(int(args.get("limit") or 100), 1), 1000)
+        return {"messages": messages[:limit], "has_more": len(messages) > limit}
 
     def _files_info(self, args: dict[str, Any]) -> dict[str, Any]:
         file = self.files.get(str(args.get("file")))
