@@ -127,10 +127,10 @@ class AssistantPane:
             problem = _NOT_READABLE.get(exc.error, "Slack would not let me read <#{c}> just now")
             return ChannelExcerpt(channel, problem=problem.format(c=channel))
         kept: list[str] = []  # newest first, while they fit
-        used = 0
+        used, overhead = 0, self._counter.message_tokens("user", "")
         for message in reversed(messages):
-            line = f"{message.speaker_name or 'me'}: {message.text}"
-            used += self._counter.message_tokens("user", line) - self._counter.message_tokens("user", "")
+            line = f"{message.speaker_name or message.speaker_id}: {message.text}"
+            used += self._counter.message_tokens("user", line) - overhead
             if used > self._max_tokens:
                 break
             kept.append(line)

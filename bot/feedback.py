@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from bot.domain import Rated, valid_text
 from bot.errors import BotError
 from bot.redis_client import redis_errors
-from bot.slack import ButtonClick, SlackAdapter, is_slack_id, parse_button_click
+from bot.slack import ButtonClick, SlackAdapter, SlackId, SlackTs, is_slack_id, parse_button_click
 from bot.views import COMMENT_BLOCK, COMMENT_INPUT, COMMENT_MAX_CHARS, feedback_comment_view
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ class _CommentContext(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    c: Annotated[StrictStr, Field(pattern=r"^[A-Z0-9]{2,32}$")]
-    t: Annotated[StrictStr, Field(pattern=r"^[0-9]{1,12}\.[0-9]{1,9}$")]
-    m: Annotated[StrictStr, Field(pattern=r"^[0-9]{1,12}\.[0-9]{1,9}$")]
+    c: SlackId
+    t: SlackTs
+    m: SlackTs
     p: StrictStr
     o: StrictStr
 

@@ -95,8 +95,8 @@ _markdown = MarkdownIt("commonmark")
 
 _SLACK_ID = r"^[A-Z0-9]{2,32}$"  # U…, W…, B…, C…, D…, G…, T…, E…
 _SLACK_TS = r"^[0-9]{1,12}\.[0-9]{1,9}$"
-_SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
-_SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
+SlackId = Annotated[str, Field(pattern=_SLACK_ID)]
+SlackTs = Annotated[str, Field(pattern=_SLACK_TS)]
 
 
 class _File(BaseModel):
@@ -104,7 +104,7 @@ class _File(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    id: _SlackId
+    id: SlackId
     name: StrictStr = ""
     title: StrictStr = ""
     mimetype: StrictStr = ""
@@ -126,10 +126,10 @@ class _MessageEvent(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["app_mention", "message"]
-    user: _SlackId
-    channel: _SlackId
-    ts: _SlackTs
-    thread_ts: _SlackTs | None = None
+    user: SlackId
+    channel: SlackId
+    ts: SlackTs
+    thread_ts: SlackTs | None = None
     channel_type: StrictStr | None = None
     text: StrictStr = ""
     files: list[_File] = []
@@ -140,29 +140,29 @@ class _Deleted(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    channel: _SlackId
-    deleted_ts: _SlackTs
+    channel: SlackId
+    deleted_ts: SlackTs
     previous_message: dict[str, Any] = {}
 
 
 class _FileDeleted(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    file_id: _SlackId
+    file_id: SlackId
 
 
 class _Id(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    id: _SlackId
+    id: SlackId
 
 
 class _Container(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    message_ts: _SlackTs
-    channel_id: _SlackId
-    thread_ts: _SlackTs | None = None
+    message_ts: SlackTs
+    channel_id: SlackId
+    thread_ts: SlackTs | None = None
 
 
 class _Action(BaseModel):
@@ -219,15 +219,15 @@ def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
 class _PaneContext(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    channel_id: _SlackId | None = None
+    channel_id: SlackId | None = None
 
 
 class _AssistantThread(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    user_id: _SlackId
-    channel_id: _SlackId
-    thread_ts: _SlackTs
+    user_id: SlackId
+    channel_id: SlackId
+    thread_ts: SlackTs
     context: _PaneContext = _PaneContext()
 
 
@@ -236,7 +236,7 @@ class _AssistantThreadEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    team_id: _SlackId
+    team_id: SlackId
     event: dict[str, Any]
 
 
@@ -860,11 +860,7 @@ class SlackAdapter:
         answered = {
             payload.get("job") for payload in map(self._reply_payload, raws) if payload.get("state") == "done"
         }
-        # Each person's name is looked up once per read, however often they spoke or were mentioned.
-        users = {r["user"] for r in raws if r.get("user")}.union(
-            *(mentioned_users(r.get("text") or "") for r in raws)
-        )
-        names = {user: await self.display_name(key.team, user) for user in users - {self.bot_user_id}}
+        names = await self._speaker_names(key.team, raws)
         messages: list[SlackMessage] = []
         previous_job = None
         for raw in raws:
@@ -988,6 +984,14 @@ class SlackAdapter:
         """One line everybody in ``channel`` sees."""
         await _api(self._client, "chat_postMessage", channel=channel, text=safe_output(text))
 
+    async def _speaker_names(self, team: str, raws: list[dict[str, Any]]) -> dict[str, str]:
+        """The display names of everyone who speaks or is mentioned in ``raws``: each looked up once per
+        read, however often they spoke or were mentioned."""
+        users = {r["user"] for r in raws if r.get("user")}.union(
+            *(mentioned_users(r.get("text") or "") for r in raws)
+        )
+        return {user: await self.display_name(team, user) for user in users - {self.bot_user_id}}
+
     async def channel_messages(self, team: str, channel: str, limit: int) -> list[SlackMessage]:
         """The newest ``limit`` messages of a channel the bot is in, oldest first (one page of
         ``conversations.history``): people's and other bots', not the bot's own answers."""
@@ -997,10 +1001,7 @@ class SlackAdapter:
             for r in page.get("messages") or []
             if r.get("subtype") in _READABLE_SUBTYPES and not self._is_mine(r)
         ]
-        users = {r["user"] for r in raws if r.get("user")}.union(
-            *(mentioned_users(r.get("text") or "") for r in raws)
-        )
-        names = {user: await self.display_name(team, user) for user in users - {self.bot_user_id}}
+        names = await self._speaker_names(team, raws)
         messages = [self._thread_message(raw, names) for raw in reversed(raws)]
         return [m for m in messages if m.text]
 
