@@ -27,6 +27,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
+from bot.conversation import newest_that_fit
 from bot.domain import ChannelExcerpt, ThreadKey, TokenCounter
 from bot.errors import BotError, SlackError
 from bot.personas import PersonaStore
@@ -126,20 +127,14 @@ class AssistantPane:
             log.info("could not read the channel viewed: %s", exc.error)
             problem = _NOT_READABLE.get(exc.error, "Slack would not let me read <#{c}> just now")
             return ChannelExcerpt(channel, problem=problem.format(c=channel))
-        kept: list[str] = []  # newest first, while they fit
-        used, overhead = 0, self._counter.message_tokens("user", "")
-        for message in reversed(messages):
-            line = f"{message.speaker_name or message.speaker_id}: {message.text}"
-            used += self._counter.message_tokens("user", line) - overhead
-            if used > self._max_tokens:
-                break
-            kept.append(line)
+        lines = [f"{message.speaker_name or message.speaker_id}: {message.text}" for message in messages]
+        kept = newest_that_fit(self._counter, lines, self._max_tokens)
         if not kept:
             return ChannelExcerpt(channel, problem=f"<#{channel}> has no messages I could read")
         span = messages[len(messages) - len(kept) :]
         oldest, newest = _when(span[0].ts), _when(span[-1].ts)
         header = f"[channel <#{channel}>: its last {len(kept)} messages, {oldest} to {newest} UTC]"
-        text = "\n".join([header, *reversed(kept)])
+        text = "\n".join([header, *kept])
         return ChannelExcerpt(channel, text, len(kept), oldest, newest)
 
 

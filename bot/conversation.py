@@ -4,8 +4,9 @@
 ``Responder.respond`` reads top to bottom as the worker's flow in docs/architecture.md: thread lock,
 what an earlier attempt of the job already did, read a thread the bot remembers nothing of, resolve
 the persona, check the budget, store the question, build the context, stream the model's answer into
-Slack, store the answer. It does no I/O of its own; it talks to the protocols in ``domain``, so its
-tests use small in-memory fakes.
+Slack, store the answer. ``Responder.respond_to_shortcut`` is the same pipeline for a message
+shortcut, with the question built for its kind and nothing stored. It does no I/O of its own; it talks
+to the protocols in ``domain``, so its tests use small in-memory fakes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from bot.domain import (
     ReplyLog,
     ReplyStream,
     Role,
+    Shortcut,
+    ShortcutSlack,
     SlackFile,
     SlackMessage,
     SlackPort,
@@ -47,7 +50,7 @@ from bot.domain import (
     Usage,
     UsageLedger,
 )
-from bot.errors import BotError, ModelError
+from bot.errors import BotError, ModelError, SlackError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,22 @@ THREAD_FILES_READ = 10
 TITLE_CHARS = 80
 TOO_FAR_BACK = "too far back in the thread"
 CHANNEL_READ = "_(I read the last {count} messages of <#{channel}>, from {oldest} to {newest} UTC.)_"
+# The message shortcuts: what the model is asked, and the line that says who asked, in the thread.
+ASKED_ABOUT = "_{asker} asked about {author}'s message: “{question}”_"
+SUMMARY_FOR = "_A summary of this thread ({count} messages), asked for by {asker}.{left_out}_"
+SUMMARY_LEFT_OUT = " I read its first message and the newest {kept}; the {count} between did not fit."
+SUMMARIZE = (
+    "Summarize this Slack thread for {asker}: what it is about, what was decided, the open questions, and "
+    "who is doing what. Be brief, use Markdown, and write in the language of the thread."
+)
+TRANSLATE = (
+    "You translate Slack messages. Translate the user's message into {language}. Answer with the "
+    "translation only, keeping names, mentions, links, code and formatting as they are. If the message is "
+    "in {language} already, say so in one short sentence."
+)
+SHORTCUT_REFUSED = (
+    "Slack won't let me {what} here ({error}). If I'm not in this channel, invite me and try again."
+)
 
 
 class Spent(NamedTuple):
@@ -211,6 +230,19 @@ def _title(question: str) -> str:
     return line[:TITLE_CHARS].rsplit(" ", 1)[0] + "…"
 
 
+def newest_that_fit(counter: TokenCounter, lines: Sequence[str], max_tokens: int) -> list[str]:
+    """The newest of ``lines`` (oldest first) whose tokens, as parts of one message, stay within
+    ``max_tokens``; oldest first."""
+    kept: list[str] = []
+    used, overhead = 0, counter.message_tokens("user", "")
+    for line in reversed(lines):
+        used += counter.message_tokens("user", f"{line}\n") - overhead  # each on a line of its own
+        if used > max_tokens:
+            break
+        kept.append(line)
+    return kept[::-1]
+
+
 def _files_to_read(messages: Sequence[SlackMessage]) -> list[bool]:
     """For each message, oldest first: whether to read its files (those of the newest messages, up to
     ``THREAD_FILES_READ`` files)."""
@@ -243,6 +275,7 @@ class Responder:
         usage: UsageLedger | None = None,
         files: FileReader | None = None,
         pane: PaneContext | None = None,
+        shortcut_slack: ShortcutSlack | None = None,
     ) -> None:
         self.history = history
         self.model = model
@@ -253,6 +286,7 @@ class Responder:
         self.usage = usage
         self.files = files
         self.pane = pane
+        self.shortcut_slack = shortcut_slack
 
     async def respond(self, job: Job) -> Spent | None:
         """Answer the job's message in its thread; a retried job finishes what the attempt before it
@@ -310,11 +344,110 @@ class Responder:
             log.warning("could not record usage in %s: %s", incoming.key, exc)
 
     async def apologise(self, job: Job, message: str) -> None:
-        """Replace whatever the job's attempts wrote with one short apology (it failed every attempt)."""
+        """Replace whatever the job's attempts wrote with one short apology (it failed every attempt);
+        a shortcut's user is told privately."""
+        if isinstance(job.work, Shortcut):
+            await self._private_slack.private_reply(job.work.response_url).notice(f":warning: {message}")
+            return
         progress = await self.history.progress(job.incoming.key, job.id)
         await self.slack.reply_stream(job.incoming, self._reply_log(job, progress)).notice(
             f":warning: {message}"
         )
+
+    @property
+    def _private_slack(self) -> ShortcutSlack:
+        if self.shortcut_slack is None:
+            raise TypeError("this responder answers no shortcuts")
+        return self.shortcut_slack
+
+    async def respond_to_shortcut(self, job: Job) -> Spent | None:
+        """Answer a message shortcut: in the message's thread (under the thread's lock, like any answer,
+        but stored nowhere and joining nothing: the thread's people did not ask the bot in), or only to
+        whoever used it. Refusals and problems are told to them alone."""
+        shortcut = job.work
+        assert isinstance(shortcut, Shortcut)
+        if shortcut.only_me:
+            return await self._answer_shortcut(job, shortcut)
+        async with self.history.lock(shortcut.key):
+            return await self._answer_shortcut(job, shortcut)
+
+    async def _answer_shortcut(self, job: Job, shortcut: Shortcut) -> Spent | None:
+        incoming = shortcut.incoming
+        check, spent = BudgetCheck(True), None
+        progress = await self.history.progress(incoming.key, job.id) if job.attempt > 1 else JobProgress()
+        if progress.answered:
+            return None  # an earlier attempt answered; only its acknowledgement was lost
+        private = self._private_slack.private_reply(shortcut.response_url)
+        reply = (
+            private if shortcut.only_me else self.slack.reply_stream(incoming, self._reply_log(job, progress))
+        )
+        what = "read this thread" if shortcut.kind == "summarize" else "post in this thread"
+        try:
+            # The thread's persona if it has one, else the channel's, pinning nothing.
+            persona = await self.personas.resolve(incoming.key, pin=False)
+            persona, question, asked_for = await self._shortcut_question(shortcut, persona)
+            pictures = self.model.sees_images(persona)
+            context = await self._context(incoming, persona, question, self.max_prompt_tokens, pictures, ())
+            check = await self._reserve(incoming, persona, context)
+            if not check.allowed:
+                await private.notice(f":warning: {check.message}")
+            else:
+                lines = [
+                    "" if shortcut.only_me else asked_for,
+                    self._prelude(None, persona, question, pictures, None) or "",
+                ]
+                prelude = "\n".join(line for line in lines if line) or None
+                spent = await self._reply(job, reply, persona, question, context, check, prelude, keep=False)
+        except SlackError as exc:
+            if exc.transient:
+                raise  # tried again later
+            log.info("a %s shortcut was refused by Slack: %s", shortcut.kind, exc.error)
+            try:
+                await private.notice(f":warning: {SHORTCUT_REFUSED.format(what=what, error=exc.error)}")
+            except SlackError as refused:  # the response URL itself may be what Slack refuses (expired)
+                log.info("could not tell a shortcut's user why: %s", refused.error)
+        finally:
+            await self._account(incoming, check, spent)
+        await self.history.mark_answered(incoming.key, job.id)
+        return spent
+
+    async def _shortcut_question(self, shortcut: Shortcut, persona: Persona) -> tuple[Persona, Turn, str]:
+        """What the model is asked for a shortcut (the persona, for a translation, made a translator),
+        and the line that says in the thread who asked for what."""
+        team = shortcut.key.team
+        asker = await self.slack.display_name(team, shortcut.user_id)
+        text = await self.slack.readable(team, shortcut.text)
+        incoming = shortcut.incoming
+        if shortcut.kind == "translate":
+            language = await self._private_slack.user_language(shortcut.user_id)
+            persona = replace(persona, system_prompt=TRANSLATE.format(language=language))
+            return persona, self._turn("user", text, incoming.ts, shortcut.user_id), ""
+        if shortcut.kind == "ask":
+            author = await self.slack.display_name(team, shortcut.author) if shortcut.author else "someone"
+            attachments = await self._read_files(incoming, shortcut.files)
+            content = f"{shortcut.question}\n\n[the message this is about, from {author}]\n{text}"
+            question = self._turn("user", content, incoming.ts, shortcut.user_id, asker, attachments)
+            asked = ASKED_ABOUT.format(asker=asker, author=author, question=shortcut.question)
+            return persona, question, asked
+        messages = await self.slack.thread_messages(shortcut.key)
+        lines = [f"{m.speaker_name or 'you (the assistant)'}: {m.text}" for m in messages]
+        instruction = SUMMARIZE.format(asker=asker)
+        room = (
+            self.max_prompt_tokens
+            - safety_margin(self.max_prompt_tokens)
+            - REPLY_PRIMING_TOKENS
+            - self.counter.message_tokens("system", persona.system_prompt)
+            - self.counter.message_tokens("user", instruction)
+        )
+        head = lines[:1]
+        room -= self.counter.message_tokens("user", "\n".join(head)) - self.counter.message_tokens("user", "")
+        newest = newest_that_fit(self.counter, lines[1:], room)
+        left_out = len(lines) - len(head) - len(newest)
+        gap = [f"[{left_out} messages left out]"] if left_out else []
+        content = "\n".join([instruction, "", *head, *gap, *newest])
+        note = SUMMARY_LEFT_OUT.format(kept=len(newest), count=left_out) if left_out else ""
+        prelude = SUMMARY_FOR.format(count=len(messages), asker=asker, left_out=note)
+        return persona, self._turn("user", content, incoming.ts, shortcut.user_id), prelude
 
     @staticmethod
     def _prelude(
@@ -360,24 +493,27 @@ class Responder:
         context: Context,
         check: BudgetCheck,
         prelude: str | None,
+        *,
+        keep: bool = True,
     ) -> Spent | None:
-        """Answer and store; what the reply used, or None when the model failed.
-        ``prelude`` is a line for the asker before the answer (not part of it)."""
+        """Answer and store (unless not ``keep``: a shortcut's answer); what the reply used, or None when
+        the model failed. ``prelude`` is a line for the asker before the answer (not part of it)."""
         incoming = job.incoming
         # The assistant pane's threads are DM threads; the first question there names the thread.
-        first = incoming.is_dm and incoming.in_thread and not context.turns and not context.trimmed
+        first = keep and incoming.is_dm and incoming.in_thread and not context.turns and not context.trimmed
         await reply.thinking(title=_title(question.text) if first else None)
         if prelude:
             await reply.append(prelude + "\n\n")
         try:
             answer, end, context = await self._answer(
-                incoming, persona, question, context, reply, check.notice
+                incoming, persona, question, context, reply, check.notice, None if keep else ()
             )
         except ModelError as exc:
             log.warning("model failed in %s: %s", incoming.key, exc)
             await reply.fail(exc.user_message)
             return None  # the question stays stored, unanswered: a "try again" sees it
-        await self.history.store_answer(incoming.key, job.id, answer)
+        if keep:
+            await self.history.store_answer(incoming.key, job.id, answer)
         usage = end.usage or Usage(
             context.estimated_tokens + context.billed_beyond_context,
             self.counter.message_tokens("assistant", answer.text)
@@ -398,14 +534,21 @@ class Responder:
         return await self.usage.reserve(incoming.key, incoming.user_id, self.model.model_for(persona), worst)
 
     async def _context(
-        self, incoming: Incoming, persona: Persona, question: Turn, budget: int, pictures: bool
+        self,
+        incoming: Incoming,
+        persona: Persona,
+        question: Turn,
+        budget: int,
+        pictures: bool,
+        history: Sequence[Turn] | None = None,
     ) -> Context:
-        """What the model gets within ``budget``: the thread's newest turns that fit, and the images of
-        those turns when the model sees images."""
-        # The question may be stored already (a retried job); the context carries it last, whatever came
-        # after it.
-        recent = await self.history.recent(incoming.key, budget + question.tokens)
-        history = [turn for turn in recent if turn.ts != question.ts]
+        """What the model gets within ``budget``: the thread's newest turns that fit (or ``history``'s),
+        and the images of those turns when the model sees images."""
+        if history is None:
+            # The question may be stored already (a retried job); the context carries it last, whatever
+            # came after it.
+            recent = await self.history.recent(incoming.key, budget + question.tokens)
+            history = [turn for turn in recent if turn.ts != question.ts]
         context = build_context(
             persona.system_prompt, history, question, budget, self.counter, pictures=pictures
         )
@@ -486,8 +629,10 @@ class Responder:
         context: Context,
         reply: ReplyStream,
         notice: str | None,
+        history: Sequence[Turn] | None,
     ) -> tuple[Turn, StreamEnd, Context]:
-        """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget."""
+        """Stream the model's answer into ``reply``; on context_length_exceeded retry once at half budget
+        (with ``history`` in place of the thread's, when given)."""
         budget = self.max_prompt_tokens
         end_user = f"{incoming.key.team}:{incoming.user_id}"
         while True:
@@ -503,9 +648,8 @@ class Responder:
                     budget //= 2
                 else:
                     raise
-                context = await self._context(
-                    incoming, persona, question, budget, context.pictures and exc.kind != "images_refused"
-                )
+                pictures = context.pictures and exc.kind != "images_refused"
+                context = await self._context(incoming, persona, question, budget, pictures, history)
 
     async def _stream(
         self, context: Context, persona: Persona, reply: ReplyStream, end_user: str, notice: str | None

@@ -181,19 +181,56 @@ class Deletion:
         return f"deleted:{self.key.channel if self.key else ''}:{self.ts}"
 
 
+ShortcutKind = Literal["ask", "summarize", "translate"]
+
+
+@dataclass(frozen=True, slots=True)
+class Shortcut:
+    """Someone used one of the bot's message shortcuts on a message: ``ask`` a question about it,
+    ``summarize`` the thread it belongs to, or ``translate`` it. The answer goes into the message's
+    thread, or, ``only_me``, only to them (through the shortcut's ``response_url``)."""
+
+    kind: ShortcutKind
+    id: str  # one use of a shortcut (a retried submission is queued once)
+    key: ThreadKey  # the message's thread
+    ts: str  # the message
+    user_id: str  # who used the shortcut
+    author: str  # who wrote the message: a user or bot id, "" when Slack does not say
+    text: str  # the message's text, as Slack sent it
+    response_url: str
+    files: tuple[SlackFile, ...] = ()
+    question: str = ""  # ``ask``: what they want to know about the message
+    only_me: bool = True
+
+    @property
+    def dedup_key(self) -> str:
+        """Identifies the use, as ``Incoming.dedup_key`` does a message."""
+        return f"shortcut:{self.id}"
+
+    @property
+    def incoming(self) -> Incoming:
+        """The shortcut as a message to answer: from whoever used it, addressed to the bot, in the
+        message's thread; its ts is the message's, since the answer comes after it."""
+        return Incoming(
+            self.key, self.ts, self.user_id, self.question, True, self.key.channel.startswith("D"), self.files
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Work the ingress accepted: a message to answer (``Incoming``) or a deletion to carry out;
-    ``attempt`` counts deliveries."""
+    """Work the ingress accepted: a message to answer (``Incoming``), a deletion to carry out, or a
+    message shortcut to answer; ``attempt`` counts deliveries."""
 
     id: str
-    work: Incoming | Deletion
+    work: Incoming | Deletion | Shortcut
     attempt: int = 1
     enqueued_at: float = 0.0  # wall-clock seconds when the ingress queued it
 
     @property
     def incoming(self) -> Incoming:
-        """The message of a reply job."""
+        """The message of a reply job (a shortcut's, as ``Shortcut.incoming``)."""
+        if isinstance(self.work, Shortcut):
+            return self.work.incoming
         if not isinstance(self.work, Incoming):
             raise TypeError(f"job {self.id} is not a reply")
         return self.work
@@ -326,6 +363,10 @@ class History(Protocol):
         """Remember the ts of a Slack message written for a job (see ``ReplyLog``)."""
         ...
 
+    async def mark_answered(self, key: ThreadKey, job_id: str) -> None:
+        """Mark a job answered without storing its answer (a shortcut's answer is not a thread turn)."""
+        ...
+
 
 class ChatModel(Protocol):
     """The model boundary: one method that yields text chunks, then a ``StreamEnd``."""
@@ -400,8 +441,9 @@ class UsageLedger(Protocol):
 class PersonaSource(Protocol):
     """Chooses the persona for a thread."""
 
-    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
-        """The thread's persona; ``requested`` is a name its first message asked for, if any."""
+    async def resolve(self, key: ThreadKey, requested: str | None = None, *, pin: bool = True) -> Persona:
+        """The thread's persona; ``requested`` is a name its first message asked for, if any. Without
+        ``pin`` a thread that has none pinned gets the channel's, and still none pinned."""
         ...
 
 
@@ -463,3 +505,16 @@ class SlackPort(Protocol):
     async def thread_messages(self, key: ThreadKey) -> list[SlackMessage]: ...
 
     def reply_stream(self, incoming: Incoming, log: ReplyLog) -> ReplyStream: ...
+
+
+class ShortcutSlack(Protocol):
+    """What answering a message shortcut needs from Slack besides ``SlackPort``."""
+
+    def private_reply(self, response_url: str) -> ReplyStream:
+        """What the bot says for a job only to the person who asked, through ``response_url``; written
+        whole once complete (Slack cannot edit it)."""
+        ...
+
+    async def user_language(self, user_id: str) -> str:
+        """The language ``user_id`` uses Slack in (from their locale), in English words."""
+        ...

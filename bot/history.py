@@ -276,6 +276,14 @@ class RedisHistory:
                 pipe.expire(progress, PROGRESS_SECONDS)
                 await pipe.execute()
 
+    async def mark_answered(self, key: ThreadKey, job_id: str) -> None:
+        progress = self._progress_key(key, job_id)
+        with redis_errors("marking a job answered"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(progress, "answer", 1)
+                pipe.expire(progress, PROGRESS_SECONDS)
+                await pipe.execute()
+
     async def forget_job(self, key: ThreadKey, job_id: str) -> None:
         """Drop a finished job's progress (it would expire on its own within the hour)."""
         with redis_errors("forgetting a finished job"):

@@ -11,7 +11,8 @@ fetched at start-up.
 
 Slash commands, the persona editor and App Home are acknowledged at once and do their work right
 after (Bolt's lazy listeners), in this process: they answer the person who asked, within Slack's few
-seconds for opening a modal.
+seconds for opening a modal. Message shortcuts (``shortcuts``) are queued, or held for their modal,
+before their acknowledgement, and their modals opened after it.
 """
 
 from __future__ import annotations
@@ -49,9 +50,16 @@ from bot.observability import (
 from bot.persona_commands import ModelList, PersonaCommands
 from bot.services import Services
 from bot.settings import secret_value
+from bot.shortcuts import KINDS, Shortcuts
 from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_deletion, parse_event
 from bot.usage_report import UsageReport
-from bot.views import EDIT_ACTION, EDITOR_CALLBACK, FEEDBACK_ACTION, FEEDBACK_COMMENT_CALLBACK
+from bot.views import (
+    EDIT_ACTION,
+    EDITOR_CALLBACK,
+    FEEDBACK_ACTION,
+    FEEDBACK_COMMENT_CALLBACK,
+    SHORTCUT_CALLBACK,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +149,7 @@ def bolt_app(services: Services) -> AsyncApp:
     _report_usage(app, UsageReport(slack.adapter, services.usage, services.feedback, commands))
     _take_feedback(app, Feedback(services.feedback, slack.adapter))
     _follow_the_assistant_pane(app, slack.pane)
+    _offer_shortcuts(app, Shortcuts(slack.queue, slack.adapter))
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
@@ -249,6 +258,27 @@ def _take_feedback(app: AsyncApp, feedback: Feedback) -> None:
 
     app.action(FEEDBACK_ACTION)(ack=count, lazy=[_after_ack("following up on feedback", follow_up)])
     app.view(FEEDBACK_COMMENT_CALLBACK)(keep_comment)
+
+
+def _offer_shortcuts(app: AsyncApp, shortcuts: Shortcuts) -> None:
+    """The message shortcuts: a translation queued, or the shortcut held for its modal, before the
+    acknowledgement; the modal opened after it; its submission queued before its own."""
+
+    async def use(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        context["shortcut_used"] = await shortcuts.use(body)  # the lazy listener gets a copy
+        await ack()
+
+    async def follow_up(_: dict[str, Any], context: AsyncBoltContext) -> None:
+        if (used := context.get("shortcut_used")) is not None:
+            await shortcuts.follow_up(used)
+
+    async def submit(ack: AsyncAck, body: dict[str, Any]) -> None:
+        errors = await shortcuts.submit(body)
+        await (ack(**errors) if errors else ack())
+
+    for callback_id in KINDS:
+        app.message_shortcut(callback_id)(ack=use, lazy=[_after_ack("following up a shortcut", follow_up)])
+    app.view(SHORTCUT_CALLBACK)(submit)
 
 
 class SocketModeIngress:

@@ -9,7 +9,9 @@ workspace's queue is one Redis Cluster slot and every script below stays legal t
   delivers twice (retries, the ``app_mention`` and ``message`` twins, several ingress replicas) is
   queued once;
 - ``{prefix}{T:jobs}:joined:{T}:{C}:{TS}``: the threads the bot takes part in (it accepted a question
-  there), whose follow-ups it answers without a mention; kept as long as a thread's history.
+  there), whose follow-ups it answers without a mention; kept as long as a thread's history;
+- ``{prefix}{T:jobs}:shortcut:{id}``: a message shortcut waiting for its modal's submission (the
+  message it was used on, its files, where to answer), for as long as Slack's response URL lives.
 
 A job's life: ``accept`` decides in one script whether a message is for the bot (addressed to it, or
 said in a thread it joined), whether it was queued before, and queues it, joining its thread; only
@@ -36,12 +38,13 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from bot.domain import Deletion, Incoming, Job, SlackFile, ThreadKey
+from bot.domain import Deletion, Incoming, Job, Shortcut, SlackFile, ThreadKey
 from bot.redis_client import redis_errors
 
 GROUP = "workers"
 DEDUP_SECONDS = 3600
 DEAD_LETTERS_KEPT = 10_000
+SHORTCUT_HELD_SECONDS = 1800  # a shortcut's response URL works for 30 minutes
 
 # KEYS: the message's marker, the queue, the thread's joined marker. ARGV: marker seconds, joined
 # seconds, 1 when the job is only for a thread the bot joined (a message not addressed to it, a
@@ -102,7 +105,9 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _encode(work: Incoming | Deletion) -> bytes:
+def _encode(work: Incoming | Deletion | Shortcut) -> bytes:
+    if isinstance(work, Shortcut):
+        return orjson.dumps({"kind": "shortcut", "shortcut": dataclasses.asdict(work)})
     if isinstance(work, Deletion):
         key = work.key
         thread = [key.channel, key.thread_ts] if key else None
@@ -129,8 +134,10 @@ def _decode(job_id: str, fields: Any, attempt: int) -> Job:
     # Scripts hand back a flat [field, value, ...] list, redis-py a dict.
     values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
     data = orjson.loads(values["job"])
-    work: Incoming | Deletion
-    if data.get("kind") == "deletion":
+    work: Incoming | Deletion | Shortcut
+    if data.get("kind") == "shortcut":
+        work = _shortcut(data)
+    elif data.get("kind") == "deletion":
         thread = data["thread"]
         key = ThreadKey(data["team"], thread[0], thread[1]) if thread else None
         work = Deletion(data["team"], key, data["ts"], data["file"])
@@ -145,6 +152,17 @@ def _decode(job_id: str, fields: Any, attempt: int) -> Job:
             files=tuple(SlackFile(**f) for f in data.get("files", ())),
         )
     return Job(id=str(job_id), work=work, attempt=int(attempt), enqueued_at=float(values["at"]))
+
+
+def _shortcut(data: dict[str, Any]) -> Shortcut:
+    fields = data["shortcut"]
+    return Shortcut(
+        **{
+            **fields,
+            "key": ThreadKey(**fields["key"]),
+            "files": tuple(SlackFile(**f) for f in fields["files"]),
+        }
+    )
 
 
 class JobQueue:
@@ -180,13 +198,17 @@ class JobQueue:
     def _joined(self, key: ThreadKey) -> str:
         return self._key(f"joined:{key.team}:{key.channel}:{key.thread_ts}")
 
-    async def accept(self, work: Incoming | Deletion) -> Acceptance:
+    async def accept(self, work: Incoming | Deletion | Shortcut) -> Acceptance:
         """Queue a job for ``work`` if it concerns the bot and was not queued before: a message addressed
         to it or said in a thread it joined (which joins the thread), a deletion in a thread it joined,
-        a deleted file (wherever the bot may keep it)."""
+        a deleted file (wherever the bot may keep it), a shortcut someone used (which joins nothing: the
+        thread's people did not ask the bot in)."""
         if isinstance(work, Incoming):
             team, joined = work.key.team, self._joined(work.key)
             only_if_joined, joins = not work.addressed, True
+        elif isinstance(work, Shortcut):
+            team, joined = work.key.team, self._key("joined:none")
+            only_if_joined, joins = False, False
         else:
             team, joins = work.team, False
             joined = self._joined(work.key) if work.key else self._key("joined:none")
@@ -207,6 +229,19 @@ class JobQueue:
                 ],
             )
         return Acceptance(str(outcome), str(job_id[0]) if job_id else None)
+
+    async def hold(self, shortcut: Shortcut) -> None:
+        """Keep a shortcut until its modal is submitted (``held``), for as long as its response URL lives."""
+        with redis_errors("keeping a shortcut"):
+            await self._redis.set(
+                self._key(f"shortcut:{shortcut.id}"), _encode(shortcut), ex=SHORTCUT_HELD_SECONDS
+            )
+
+    async def held(self, shortcut_id: str) -> Shortcut | None:
+        """The shortcut ``hold`` kept under ``shortcut_id``; None once it expired."""
+        with redis_errors("reading a shortcut"):
+            raw = await self._redis.get(self._key(f"shortcut:{shortcut_id}"))
+        return _shortcut(orjson.loads(raw)) if raw else None
 
     async def leave(self, key: ThreadKey) -> None:
         """Take no more part in a thread (it was deleted): its follow-ups need a mention again."""

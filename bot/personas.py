@@ -288,11 +288,12 @@ class PersonaStore:
         with redis_errors("forgetting a thread's persona"):
             await self._redis.delete(self._pin(key))
 
-    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
-        """The thread's pinned persona; else the requested named one or the channel's, pinned from now on."""
-        pin = self._pin(key)
+    async def resolve(self, key: ThreadKey, requested: str | None = None, *, pin: bool = True) -> Persona:
+        """The thread's pinned persona; else the requested named one or the channel's, pinned from now on
+        (unless not ``pin``: a shortcut's answer leaves the thread's choice to its next reply)."""
+        key_of_pin = self._pin(key)
         with redis_errors("resolving a persona"):
-            raw = await self._redis.getex(pin, ex=self._thread_ttl)
+            raw = await self._redis.getex(key_of_pin, ex=self._thread_ttl)
             if raw:
                 pinned = _load(orjson.loads(raw))
                 if pinned is not None:
@@ -300,5 +301,6 @@ class PersonaStore:
             persona = await self.find(key.team, requested) if requested else None
             if persona is None:
                 persona = (await self.assignment(key.team, key.channel)).persona
-            await self._redis.set(pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
+            if pin:
+                await self._redis.set(key_of_pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
         return persona

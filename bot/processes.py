@@ -34,7 +34,7 @@ def _worker(services: Services) -> Worker:
     slack = services.require_slack()
     return Worker(
         slack.queue,
-        services.responder(slack.adapter, files=slack.files, pane=slack.pane),
+        services.responder(slack.adapter, files=slack.files, pane=slack.pane, shortcut_slack=slack.adapter),
         services.history,
         Forgetting(services.history, slack.files, services.personas, slack.queue),
         concurrency=services.settings.worker_concurrency,

@@ -24,7 +24,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.assistant import AssistantPane
 from bot.conversation import Responder
-from bot.domain import ChatModel, FileReader, PaneContext, Persona, SlackPort
+from bot.domain import ChatModel, FileReader, PaneContext, Persona, ShortcutSlack, SlackPort
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import FeedbackStore
 from bot.files import FileLimits, SlackFiles
@@ -152,9 +152,10 @@ class Services:
         model: ChatModel | None = None,
         files: FileReader | None = None,
         pane: PaneContext | None = None,
+        shortcut_slack: ShortcutSlack | None = None,
     ) -> Responder:
         """The pipeline, writing to ``slack`` (Slack itself, or the terminal), reading ``files`` and
-        what the assistant ``pane`` knows."""
+        what the assistant ``pane`` knows; answering shortcuts through ``shortcut_slack``."""
         return Responder(
             history=self.history,
             model=model or self.model,
@@ -165,6 +166,7 @@ class Services:
             usage=self.usage,
             files=files,
             pane=pane,
+            shortcut_slack=shortcut_slack,
         )
 
     def require_slack(self) -> SlackServices:

@@ -22,6 +22,7 @@ import html
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
@@ -45,6 +46,8 @@ from bot.domain import (
     Incoming,
     Rated,
     ReplyLog,
+    Shortcut,
+    ShortcutKind,
     SlackFile,
     SlackMessage,
     ThreadKey,
@@ -214,6 +217,82 @@ def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
         value=payload.actions[0].value,
         trigger_id=payload.trigger_id,
     )
+
+
+class _ShortcutMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ts: SlackTs
+    thread_ts: SlackTs | None = None
+    user: SlackId | None = None
+    bot_id: SlackId | None = None
+    text: StrictStr = ""
+    files: list[_File] = []
+
+
+class _MessageShortcut(BaseModel):
+    """A ``message_action`` payload: someone used a message shortcut of the bot's on a message."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    team: _Id
+    user: _Id
+    channel: _Id
+    message: _ShortcutMessage
+    response_url: Annotated[StrictStr, Field(pattern=r"^https?://[^\s]+$", max_length=1000)]
+    trigger_id: StrictStr = ""
+
+
+def parse_message_shortcut(body: Mapping[str, Any], kind: ShortcutKind) -> tuple[Shortcut, str] | None:
+    """The shortcut in a ``message_action`` payload (answered only to its user until they say
+    otherwise) and its trigger for opening a modal, if the payload is well formed."""
+    try:
+        payload = _MessageShortcut.model_validate(body)
+    except ValidationError as exc:
+        _malformed("message_action", exc)
+        return None
+    message = payload.message
+    shortcut = Shortcut(
+        kind=kind,
+        id=uuid.uuid4().hex,
+        key=ThreadKey(payload.team.id, payload.channel.id, message.thread_ts or message.ts),
+        ts=message.ts,
+        user_id=payload.user.id,
+        author=message.user or message.bot_id or "",
+        text=valid_text(message.text),
+        response_url=payload.response_url,
+        files=tuple(f.value() for f in message.files if f.mode != "tombstone"),
+    )
+    return shortcut, payload.trigger_id
+
+
+# The languages Slack's interface comes in (a person's locale), by language tag.
+_LANGUAGES = {
+    "de": "German",
+    "en": "English",
+    "es": "Spanish",
+    "fr": "French",
+    "it": "Italian",
+    "ja": "Japanese",
+    "ko": "Korean",
+    "pt": "Portuguese",
+    "zh-cn": "Simplified Chinese",
+    "zh-tw": "Traditional Chinese",
+    "ru": "Russian",
+    "nl": "Dutch",
+    "pl": "Polish",
+    "sv": "Swedish",
+    "tr": "Turkish",
+}
+DEFAULT_LANGUAGE = "English"
+
+
+def language_of(locale: str) -> str:
+    """A Slack locale (``fr-FR``) as a language the model understands (``French``)."""
+    if not re.fullmatch(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*", locale):
+        return DEFAULT_LANGUAGE
+    tag = locale.lower()
+    return _LANGUAGES.get(tag[:5]) or _LANGUAGES.get(tag.split("-")[0]) or f"the language of locale {locale}"
 
 
 class _PaneContext(BaseModel):
@@ -692,9 +771,12 @@ class SlackReplyStream:
                 )
                 self._on_native_refused(self._channel)
                 self._mode = "update"
-        return await self._create_once(
-            "chat_postMessage", state, thread_ts=self._thread_ts, **self._body(blocks)
-        )
+        try:
+            return await self._create_once(
+                "chat_postMessage", state, thread_ts=self._thread_ts, **self._body(blocks)
+            )
+        except SlackApiError as exc:
+            raise _slack_error("chat_postMessage", exc) from exc
 
     async def _create_once(self, method: str, state: str, **args: Any) -> str:
         """Create a message, retrying when Slack fails or cannot be reached, but never creating it twice:
@@ -790,6 +872,49 @@ class SlackReplyStream:
             return await getattr(self._client, method)(channel=self._channel, **args)
         except _FAILURES as exc:
             raise _slack_error(method, exc) from exc
+
+
+RESPONSE_URL_USES = 5  # Slack takes at most five answers through one response URL
+CUT_PRIVATE = "_(The rest did not fit in the messages Slack lets me send you.)_"
+
+
+class PrivateReply:
+    """Writes what the bot says for one job only to the person who asked (implements
+    ``domain.ReplyStream``): through their shortcut's response URL, which works where the bot is not a
+    member. Slack cannot edit such a message, so the answer is sent whole once complete, split like any
+    answer, in at most ``RESPONSE_URL_USES`` messages."""
+
+    def __init__(self, adapter: SlackAdapter, response_url: str) -> None:
+        self._adapter = adapter
+        self._response_url = response_url
+        self._text = ""
+
+    async def thinking(self, title: str | None = None) -> None:
+        pass  # nothing to show it on: the answer arrives whole
+
+    async def append(self, text: str) -> None:
+        self._text += text
+
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
+        await self._send(self._text, footnote)
+
+    async def fail(self, message: str) -> None:
+        await self._send(self._text, f":warning: {message}")
+
+    async def notice(self, text: str) -> None:
+        await self._send(text, None)
+
+    async def _send(self, text: str, footnote: str | None) -> None:
+        if footnote:
+            text += ("\n\n" if text.strip() else "") + footnote
+        parts: list[str] = []
+        while text and len(parts) < RESPONSE_URL_USES:
+            head, text = split_message(text, SPLIT_AT - len(CUT_PRIVATE) - 2)
+            parts.append(head)
+        if text:
+            parts[-1] += f"\n\n{CUT_PRIVATE}"
+        for part in parts:
+            await self._adapter.respond(self._response_url, part, markdown=True)
 
 
 class SlackAdapter:
@@ -955,14 +1080,28 @@ class SlackAdapter:
             self._client, incoming, mode, self._native_refused.add, log, answer_blocks=self._answer_blocks
         )
 
+    def private_reply(self, response_url: str) -> PrivateReply:
+        return PrivateReply(self, response_url)
+
+    async def user_language(self, user_id: str) -> str:
+        try:
+            response = await self._client.users_info(user=user_id, include_locale=True)
+        except _FAILURES as exc:
+            log.info("users.info failed for a locale: %s", _slack_error("users_info", exc).error)
+            return DEFAULT_LANGUAGE
+        return language_of(str((response.get("user") or {}).get("locale") or ""))
+
     # What commands, the persona editor and App Home say and ask. Everything said is ``safe_output``.
 
-    async def respond(self, response_url: str, text: str) -> None:
-        """An answer only the person who used a command sees. It goes to the command's own
-        ``response_url``, which works where the bot is not a member (private channels, DMs)."""
+    async def respond(self, response_url: str, text: str, *, markdown: bool = False) -> None:
+        """An answer only the person who used a command or shortcut sees. It goes to the request's own
+        ``response_url``, which works where the bot is not a member (private channels, DMs). With
+        ``markdown``, the text is shown as Markdown (a model's answer) rather than Slack's mrkdwn."""
         webhook = AsyncWebhookClient(response_url, session=self._client.session, retry_handlers=_RETRIES)
+        text = safe_output(text)
+        blocks = [{"type": "markdown", "text": text}] if markdown else None
         try:
-            response = await webhook.send(text=safe_output(text), response_type="ephemeral")
+            response = await webhook.send(text=text, blocks=blocks, response_type="ephemeral")
         except _FAILURES as exc:
             raise _slack_error("response_url", exc) from exc
         if response.status_code != 200:

@@ -246,3 +246,77 @@ def feedback_comment_view(private_metadata: str) -> dict[str, Any]:
             }
         ],
     }
+
+
+# The message shortcuts (manifest.yaml declares the same callback ids) and the modal of two of them.
+ASK_SHORTCUT = "ask_about_message"
+SUMMARIZE_SHORTCUT = "summarize_thread"
+TRANSLATE_SHORTCUT = "translate_message"
+SHORTCUT_CALLBACK = "shortcut_request"
+QUESTION_BLOCK = "question"
+QUESTION_INPUT = "text"
+QUESTION_MAX_CHARS = 2000
+ONLY_ME_BLOCK = "only_me"
+ONLY_ME_INPUT = "choice"
+ONLY_ME = "only_me"
+PREVIEW_CHARS = 300
+
+
+def shortcut_view(kind: str, shortcut_id: str, author: str, text: str) -> dict[str, Any]:
+    """The modal of "Ask about this message" (a question, and whether only the asker sees the answer)
+    and of "Summarize thread" (only the choice); ``shortcut_id`` names the shortcut held meanwhile."""
+    # A modal notifies no one, so the message's own markup can be shown as it is.
+    preview = (text[:PREVIEW_CHARS] + ("…" if len(text) > PREVIEW_CHARS else "")) or "(no text)"
+    asking = kind == "ask"
+    blocks: list[dict[str, Any]] = [
+        {
+            "type": "context",
+            "elements": [
+                {"type": "mrkdwn", "text": f"*{author or 'A message'}:* {preview}"}
+                if asking
+                else {"type": "mrkdwn", "text": "A summary of the thread this message belongs to."}
+            ],
+        }
+    ]
+    if asking:
+        blocks.append(
+            {
+                "type": "input",
+                "block_id": QUESTION_BLOCK,
+                "label": {"type": "plain_text", "text": "Your question about this message"},
+                "element": {
+                    "type": "plain_text_input",
+                    "action_id": QUESTION_INPUT,
+                    "multiline": True,
+                    "max_length": QUESTION_MAX_CHARS,
+                },
+            }
+        )
+    blocks.append(
+        {
+            "type": "input",
+            "block_id": ONLY_ME_BLOCK,
+            "optional": True,
+            "label": {"type": "plain_text", "text": "Who sees the answer"},
+            "element": {
+                "type": "checkboxes",
+                "action_id": ONLY_ME_INPUT,
+                "options": [
+                    {
+                        "text": {"type": "plain_text", "text": "Only me"},
+                        "description": {"type": "plain_text", "text": "Otherwise it is posted in the thread"},
+                        "value": ONLY_ME,
+                    }
+                ],
+            },
+        }
+    )
+    return {
+        "type": "modal",
+        "callback_id": SHORTCUT_CALLBACK,
+        "private_metadata": shortcut_id,
+        "title": {"type": "plain_text", "text": "Ask about this message" if asking else "Summarize thread"},
+        "submit": {"type": "plain_text", "text": "Ask" if asking else "Summarize"},
+        "close": {"type": "plain_text", "text": "Cancel"},
+        "blocks": blocks,
+    }

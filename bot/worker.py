@@ -20,7 +20,7 @@ import logging
 import time
 
 from bot.conversation import Responder
-from bot.domain import Deletion, Incoming, Job
+from bot.domain import Deletion, Job, Shortcut
 from bot.errors import BotError, HistoryError
 from bot.forgetting import Forgetting
 from bot.history import RedisHistory
@@ -141,6 +141,8 @@ class Worker:
             try:
                 if isinstance(job.work, Deletion):
                     await self._forgetting.carry_out(job.work)
+                elif isinstance(job.work, Shortcut):
+                    await self._responder.respond_to_shortcut(job)
                 else:
                     await self._responder.respond(job)
             except BotError as exc:
@@ -162,7 +164,7 @@ class Worker:
         try:
             await self._queue.ack(job)
             JOBS_DONE.inc()
-            if isinstance(job.work, Incoming):
+            if not isinstance(job.work, Deletion):
                 await self._history.forget_job(job.work.key, job.id)
         except HistoryError as exc:
             # Retried later, the job finds itself answered and is only acknowledged.
@@ -178,8 +180,8 @@ class Worker:
                 return
             JOBS_DEAD_LETTERED.inc()
             log.error("job failed %d attempts; moved to the dead letters", job.attempt - 1)
-            if not isinstance(job.work, Incoming):
-                return  # a deletion: nobody waits for an answer
+            if isinstance(job.work, Deletion):
+                return  # nobody waits for an answer
             try:
                 await self._responder.apologise(job, APOLOGY)
                 await self._history.forget_job(job.work.key, job.id)

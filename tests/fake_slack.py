@@ -55,7 +55,7 @@ class SlackError(Exception):
 def _user(uid: str, name: str, real_name: str, *, is_bot: bool = False) -> dict[str, Any]:
     profile = {"display_name": name, "real_name": real_name, "display_name_normalized": name}
     user = {"id": uid, "team_id": TEAM_ID, "name": name, "real_name": real_name, "is_bot": is_bot}
-    return {**user, "deleted": False, "tz": "Europe/London", "profile": profile}
+    return {**user, "deleted": False, "tz": "Europe/London", "locale": "en-GB", "profile": profile}
 
 
 def _require(args: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -442,6 +442,45 @@ class FakeSlack:
             }
         )
 
+    async def use_shortcut(self, callback_id: str, channel: str, ts: str, user: str) -> dict[str, Any]:
+        """``user`` uses the message shortcut ``callback_id`` on the stored message ``ts``, as Slack sends
+        it (a ``message_action`` with the message and a response URL); returns the ack payload."""
+        message = copy.deepcopy(self._messages[channel][ts])
+        message.pop("metadata", None)
+        return await self.send_interaction(
+            {
+                "type": "message_action",
+                "callback_id": callback_id,
+                "user": {"id": user, "name": self.users.get(user, {}).get("name", user), "team_id": TEAM_ID},
+                "channel": {"id": channel, "name": "general"},
+                "message_ts": ts,
+                "message": message,
+                "response_url": self._response_url(user),
+                "action_ts": self.next_ts(),
+            }
+        )
+
+    async def submit_view(self, view: dict[str, Any], user: str, values: dict[str, Any]) -> dict[str, Any]:
+        """``user`` submits the modal ``view`` (as the app opened it) with the inputs' ``values``
+        (block id -> action id -> value); returns the ack payload."""
+        return await self.send_interaction(
+            {
+                "type": "view_submission",
+                "user": {"id": user, "team_id": TEAM_ID},
+                "view": {
+                    "type": "modal",
+                    "id": f"V{uuid.uuid4().hex[:10].upper()}",
+                    "callback_id": view["callback_id"],
+                    "private_metadata": view.get("private_metadata", ""),
+                    "state": {"values": values},
+                },
+            }
+        )
+
+    def response_url_for(self, user: str) -> str:
+        """A response URL for a request of ``user``'s that a test sends itself."""
+        return self._response_url(user)
+
     def _response_url(self, user: str) -> str:
         response_id = uuid.uuid4().hex[:12]
         self._responders[response_id] = user
@@ -724,7 +763,10 @@ class FakeSlack:
         user = self.users.get(str(args.get("user")))
         if user is None:
             raise SlackError("user_not_found")
-        return {"user": copy.deepcopy(user)}
+        user = copy.deepcopy(user)
+        if str(args.get("include_locale")).lower() not in ("true", "1"):
+            user.pop("locale", None)  # Slack tells a user's locale only when asked
+        return {"user": user}
 
     def _view(self, args: dict[str, Any]) -> dict[str, Any]:
         view = args.get("view") or {}

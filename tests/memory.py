@@ -94,6 +94,9 @@ class MemoryHistory:
         assert isinstance(parts, dict)
         parts[index] = ts
 
+    async def mark_answered(self, key: ThreadKey, job_id: str) -> None:
+        self.progresses[(key, job_id)]["answer"] = True
+
 
 @dataclass
 class ModelCall:
@@ -158,7 +161,7 @@ class ScriptedModel:
 class RecordingReply:
     """Implements ``ReplyStream`` by recording each call as ``(method, argument)``; writes one part."""
 
-    incoming: Incoming
+    incoming: Incoming | None  # None for a private reply (through a response URL)
     log: ReplyLog
     events: list[tuple[str, str | None]] = field(default_factory=list)
     rated: Rated | None = None  # what the finished answer may be rated under
@@ -179,7 +182,7 @@ class RecordingReply:
     async def notice(self, text: str) -> None:
         self.events.append(("notice", text))
         if not self.log.parts:
-            await self.log.record(0, f"notice-{self.incoming.ts}")
+            await self.log.record(0, f"notice-{self.incoming.ts if self.incoming else 'private'}")
 
     @property
     def text(self) -> str:
@@ -190,6 +193,10 @@ class RecordingReply:
     def methods(self) -> list[str]:
         """The names of the calls, in order."""
         return [name for name, _ in self.events]
+
+
+async def _record_nothing(index: int, ts: str) -> None:
+    pass
 
 
 _USER_MENTION = re.compile(r"<@(U[A-Z0-9]+)(?:\|[^>]*)?>")
@@ -208,7 +215,9 @@ class RecordingSlack:
         self.thread = list(thread)
         self.bot_user_id = bot_user_id
         self.replies: list[RecordingReply] = []
+        self.private_replies: list[tuple[str, RecordingReply]] = []  # (response URL, reply)
         self.thread_reads: list[ThreadKey] = []
+        self.language = "English"
 
     async def readable(self, team: str, text: str) -> str:
         def name(match: re.Match[str]) -> str:
@@ -228,6 +237,14 @@ class RecordingSlack:
         reply = RecordingReply(incoming, log)
         self.replies.append(reply)
         return reply
+
+    def private_reply(self, response_url: str) -> RecordingReply:
+        reply = RecordingReply(None, ReplyLog("private", 1, (), _record_nothing))
+        self.private_replies.append((response_url, reply))
+        return reply
+
+    async def user_language(self, user_id: str) -> str:
+        return self.language
 
 
 class ShelfFiles:
@@ -255,7 +272,7 @@ class StaticPersonas:
         self.default = default
         self.channels = dict(channels or {})
 
-    async def resolve(self, key: ThreadKey, requested: str | None = None) -> Persona:
+    async def resolve(self, key: ThreadKey, requested: str | None = None, *, pin: bool = True) -> Persona:
         return self.channels.get(key.channel, self.default)
 
 

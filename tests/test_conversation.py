@@ -28,6 +28,8 @@ from bot.domain import (
     Persona,
     Picture,
     Role,
+    Shortcut,
+    ShortcutKind,
     SlackFile,
     SlackMessage,
     ThreadKey,
@@ -275,6 +277,7 @@ def make_pipeline(thread: list[SlackMessage] | None = None) -> Pipeline:
         personas=StaticPersonas(DEFAULT, {"C2": PIRATE}),
         counter=WordCounter(),
         max_prompt_tokens=MAX_PROMPT_TOKENS,
+        shortcut_slack=slack,
     )
     return Pipeline(history, model, slack, responder)
 
@@ -709,3 +712,61 @@ async def test_an_unseen_thread_has_the_files_of_its_newest_messages_read() -> N
         stored[0].attachments[0].problem == TOO_FAR_BACK and stored[1].attachments[0].problem == TOO_FAR_BACK
     )
     assert stored[2].attachments == (shelf[2],)
+
+
+# Responder.respond_to_shortcut ---------------------------------------------------------------------
+
+
+def shortcut(kind: ShortcutKind = "ask", *, only_me: bool = False, question: str = "why?") -> Job:
+    used = Shortcut(
+        kind,
+        "s1",
+        ThreadKey(TEAM, "C1", "100.1"),
+        "100.2",
+        "U1",
+        "U2",
+        "it broke",
+        "https://r/1",
+        question=question,
+        only_me=only_me,
+    )
+    return Job("job-s1", used)
+
+
+async def test_a_shortcut_answer_in_the_thread_is_stored_nowhere_and_not_repeated_when_retried(
+    pipe: Pipeline,
+) -> None:
+    pipe.model.answer("Because.")
+    await pipe.responder.respond_to_shortcut(shortcut())
+    [reply] = pipe.slack.replies
+    assert reply.text == "_alice asked about bob's message: “why?”_\n\nBecause."
+    assert pipe.history.turns == {}  # no turn of the thread, so a later mention reads it from Slack
+    # A retry whose acknowledgement was lost finds the job answered and does nothing.
+    await pipe.responder.respond_to_shortcut(replace(shortcut(), attempt=2))
+    assert len(pipe.slack.replies) == 1  # nothing written again
+    assert pipe.model.pending == 0 and len(pipe.model.calls) == 1
+
+
+async def test_a_model_failure_and_a_dead_shortcut_are_told_to_the_asker_alone_when_only_me(
+    pipe: Pipeline,
+) -> None:
+    pipe.model.fail("timeout")
+    await pipe.responder.respond_to_shortcut(shortcut(only_me=True))
+    await pipe.responder.apologise(shortcut(only_me=True), "Sorry.")
+    assert pipe.slack.replies == []
+    (url, failed), (_, apology) = pipe.slack.private_replies
+    assert url == "https://r/1"
+    assert failed.events == [("thinking", None), ("fail", ModelError("timeout").user_message)]
+    assert apology.events == [("notice", ":warning: Sorry.")]
+
+
+async def test_a_translation_gets_a_translator_prompt_in_the_users_language_and_the_bare_message(
+    pipe: Pipeline,
+) -> None:
+    pipe.slack.language = "Japanese"
+    pipe.model.answer("壊れた")
+    await pipe.responder.respond_to_shortcut(shortcut("translate", only_me=True, question=""))
+    system, message = contents(pipe.model.calls[0].messages)
+    assert "into Japanese" in system[1] and message == ("user", "it broke")
+    [(_, reply)] = pipe.slack.private_replies
+    assert reply.text == "壊れた"

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -149,3 +150,35 @@ async def test_http_mode_refuses_events_redis_cannot_take_and_serves_the_probes(
     assert refused.status == 500  # Slack delivers it again
     assert retried.status == 200
     assert harness.answers() == ["answer 1"]
+
+
+async def test_http_mode_takes_a_message_shortcut_as_a_signed_form_and_answers_it(harness: Harness) -> None:
+    port = free_port()
+    ts = harness.slack.next_ts()
+    harness.slack.add_message("C1", ts=ts, user="U2", text="Bonjour à tous")
+    payload = {
+        "type": "message_action",
+        "callback_id": "translate_message",
+        "team": {"id": "T0001", "domain": "fake"},
+        "user": {"id": "U1", "team_id": "T0001"},
+        "channel": {"id": "C1"},
+        "message_ts": ts,
+        "message": {"type": "message", "ts": ts, "user": "U2", "text": "Bonjour à tous"},
+        "response_url": harness.slack.response_url_for("U1"),
+        "trigger_id": "trigger-http",
+    }
+    body = urlencode({"payload": json.dumps(payload)})
+    headers = signed(body) | {"Content-Type": "application/x-www-form-urlencoded"}
+    url = f"http://127.0.0.1:{port}/slack/events"
+    async with serving_http(harness.settings(slack_app_token=None), port):
+        async with aiohttp.ClientSession() as http:
+            for _ in range(100):  # until the server listens
+                try:
+                    acked = await http.post(url, data=body, headers=headers)
+                    break
+                except aiohttp.ClientConnectorError:
+                    await asyncio.sleep(0.02)
+        await harness.slack.wait_for(lambda: bool(harness.slack.responses("U1")), what="the translation")
+    assert acked.status == 200
+    assert harness.slack.responses("U1") == ["answer 1"]
+    assert "into English" in harness.model.requests[0]["messages"][0]["content"]
