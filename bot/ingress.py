@@ -240,45 +240,53 @@ def _follow_the_assistant_pane(app: AsyncApp, pane: AssistantPane) -> None:
     )
 
 
+def _before_and_after_ack(
+    what: str, before: Callable[[dict[str, Any]], Awaitable[Any]], after: Callable[[Any], Awaitable[None]]
+) -> dict[str, Any]:
+    """A listener's ``ack`` and ``lazy`` arguments: ``before`` runs before the acknowledgement, and
+    what it returns (unless None) is handed to ``after`` right after it."""
+    slot = f"before_ack:{what}"
+
+    async def first(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
+        context[slot] = await before(body)  # the lazy listener gets a copy of this context
+        await ack()
+
+    async def then(_: dict[str, Any], context: AsyncBoltContext) -> None:
+        if (done := context.get(slot)) is not None:
+            await after(done)
+
+    return {"ack": first, "lazy": [_after_ack(what, then)]}
+
+
+def _answered_in_ack(
+    check: Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]],
+) -> Callable[..., Awaitable[None]]:
+    """A modal's submission, done before its acknowledgement, which carries the modal's errors."""
+
+    async def submit(ack: AsyncAck, body: dict[str, Any]) -> None:
+        errors = await check(body)
+        await (ack(**errors) if errors else ack())
+
+    return submit
+
+
 def _take_feedback(app: AsyncApp, feedback: Feedback) -> None:
     """The feedback buttons under answers, and the comment modal after a thumbs-down: each counted
     before its acknowledgement (one Redis call), the modal opened after it."""
-
-    async def count(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
-        context["feedback_counted"] = await feedback.count(body)  # the lazy listener gets a copy
-        await ack()
-
-    async def follow_up(_: dict[str, Any], context: AsyncBoltContext) -> None:
-        if (counted := context.get("feedback_counted")) is not None:
-            await feedback.follow_up(counted)
-
-    async def keep_comment(ack: AsyncAck, body: dict[str, Any]) -> None:
-        errors = await feedback.keep_comment(body)
-        await (ack(**errors) if errors else ack())
-
-    app.action(FEEDBACK_ACTION)(ack=count, lazy=[_after_ack("following up on feedback", follow_up)])
-    app.view(FEEDBACK_COMMENT_CALLBACK)(keep_comment)
+    app.action(FEEDBACK_ACTION)(
+        **_before_and_after_ack("following up on feedback", feedback.count, feedback.follow_up)
+    )
+    app.view(FEEDBACK_COMMENT_CALLBACK)(_answered_in_ack(feedback.keep_comment))
 
 
 def _offer_shortcuts(app: AsyncApp, shortcuts: Shortcuts) -> None:
     """The message shortcuts: a translation queued, or the shortcut held for its modal, before the
     acknowledgement; the modal opened after it; its submission queued before its own."""
-
-    async def use(ack: AsyncAck, body: dict[str, Any], context: AsyncBoltContext) -> None:
-        context["shortcut_used"] = await shortcuts.use(body)  # the lazy listener gets a copy
-        await ack()
-
-    async def follow_up(_: dict[str, Any], context: AsyncBoltContext) -> None:
-        if (used := context.get("shortcut_used")) is not None:
-            await shortcuts.follow_up(used)
-
-    async def submit(ack: AsyncAck, body: dict[str, Any]) -> None:
-        errors = await shortcuts.submit(body)
-        await (ack(**errors) if errors else ack())
-
     for callback_id in KINDS:
-        app.message_shortcut(callback_id)(ack=use, lazy=[_after_ack("following up a shortcut", follow_up)])
-    app.view(SHORTCUT_CALLBACK)(submit)
+        app.message_shortcut(callback_id)(
+            **_before_and_after_ack("following up a shortcut", shortcuts.use, shortcuts.follow_up)
+        )
+    app.view(SHORTCUT_CALLBACK)(_answered_in_ack(shortcuts.submit))
 
 
 class SocketModeIngress:
