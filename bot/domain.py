@@ -212,7 +212,13 @@ class Shortcut:
         """The shortcut as a message to answer: from whoever used it, addressed to the bot, in the
         message's thread; its ts is the message's, since the answer comes after it."""
         return Incoming(
-            self.key, self.ts, self.user_id, self.question, True, self.key.channel.startswith("D"), self.files
+            key=self.key,
+            ts=self.ts,
+            user_id=self.user_id,
+            text=self.question,
+            addressed=True,
+            is_dm=self.key.channel.startswith("D"),
+            files=self.files,
         )
 
 

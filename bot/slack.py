@@ -123,19 +123,23 @@ class _File(BaseModel):
         return SlackFile(self.id, name, self.mimetype, self.filetype, self.size, url, self.mode)
 
 
-class _MessageEvent(BaseModel):
-    """The fields of a message event the bot relies on, each checked (extra fields are Slack's own)."""
+class _Message(BaseModel):
+    """The fields of a message the bot relies on, in an event or a shortcut, each checked (extra fields
+    are Slack's own)."""
 
     model_config = ConfigDict(extra="ignore")
 
+    ts: SlackTs
+    thread_ts: SlackTs | None = None
+    text: StrictStr = ""
+    files: list[_File] = []
+
+
+class _MessageEvent(_Message):
     type: Literal["app_mention", "message"]
     user: SlackId
     channel: SlackId
-    ts: SlackTs
-    thread_ts: SlackTs | None = None
     channel_type: StrictStr | None = None
-    text: StrictStr = ""
-    files: list[_File] = []
 
 
 class _Deleted(BaseModel):
@@ -219,15 +223,9 @@ def parse_button_click(body: Mapping[str, Any]) -> ButtonClick | None:
     )
 
 
-class _ShortcutMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    ts: SlackTs
-    thread_ts: SlackTs | None = None
+class _ShortcutMessage(_Message):
     user: SlackId | None = None
     bot_id: SlackId | None = None
-    text: StrictStr = ""
-    files: list[_File] = []
 
 
 class _MessageShortcut(BaseModel):
