@@ -87,7 +87,8 @@ async def run(
             bot_samples, naive_samples = [], []
             for _ in range(20 if quick else 200):
                 started = time.perf_counter()
-                context = build_context(SYSTEM, await history.recent(key, budget), question, budget, counter)
+                recall = await history.recall(key, budget)
+                context = build_context(SYSTEM, recall.turns, question, budget, counter, first=recall.first)
                 messages = context.messages  # rendered on demand: part of the work
                 bot_samples.append(time.perf_counter() - started)
             for _ in range(3 if quick else (5 if n >= 10_000 else 30)):

@@ -44,6 +44,7 @@ from bot.domain import (
     SlackMessage,
     SlackPort,
     StreamEnd,
+    Summaries,
     TextPart,
     TokenCounter,
     Turn,
@@ -67,6 +68,12 @@ PICTURES_REFUSED = "_(The model at this endpoint refused images, so I answered f
 THREAD_FILES_READ = 10
 TITLE_CHARS = 80
 TOO_FAR_BACK = "too far back in the thread"
+# A long thread: what the context carries of its older turns, and the footnote the first time.
+SUMMARY_MESSAGE = "Earlier in this thread, summarized: {summary}"
+SUMMARIZING_NOTE = (
+    "_(This thread is getting long: from here on I keep a summary of its older messages, and its first "
+    "message word for word.)_"
+)
 CHANNEL_READ = "_(I read the last {count} messages of <#{channel}>, from {oldest} to {newest} UTC.)_"
 # The message shortcuts: what the model is asked, and the line that says who asked, in the thread.
 ASKED_ABOUT = "_{asker} asked about {author}'s message: “{question}”_"
@@ -109,6 +116,10 @@ class Context:
     pictures: bool = False  # the model sees the images of the kept turns
     question_pictures: bool = False  # ... and those of the question (dropped when it alone is too big)
     picture_urls: Mapping[str, str] = field(default_factory=dict)
+    first: Turn | None = None  # the thread's first message, kept before everything else
+    summary: str = ""  # the summary of the turns between the first and the kept ones
+    left_out: range = range(0)  # the positions of the turns neither summarized nor kept
+    noted: bool = True  # the thread was told before that its older messages are summarized
 
     @property
     def kept_turns(self) -> int:
@@ -119,8 +130,12 @@ class Context:
         """The images the model is to see."""
         if not self.pictures:
             return []
-        found = [a for turn in self.turns for a in turn.pictures]
+        found = [a for turn in self._history for a in turn.pictures]
         return found + list(self.question.pictures if self.question_pictures else ())
+
+    @property
+    def _history(self) -> tuple[Turn, ...]:
+        return (self.first, *self.turns) if self.first else self.turns
 
     @property
     def billed_beyond_context(self) -> int:
@@ -131,6 +146,12 @@ class Context:
     def messages(self) -> list[ChatMessage]:
         """The request's messages."""
         messages: list[ChatMessage] = [{"role": "system", "content": self.system_prompt}]
+        if self.first is not None:
+            messages.append(
+                self._message(self.first.role, self.first.content, self.first.pictures, self.pictures)
+            )
+        if self.summary:
+            messages.append({"role": "system", "content": SUMMARY_MESSAGE.format(summary=self.summary)})
         messages += [self._message(t.role, t.content, t.pictures, self.pictures) for t in self.turns]
         messages.append(
             self._message("user", self.question_content, self.question.pictures, self.question_pictures)
@@ -174,14 +195,19 @@ def build_context(
     counter: TokenCounter,
     *,
     pictures: bool = False,
+    first: Turn | None = None,
+    summary: str = "",
+    summary_tokens: int = 0,
 ) -> Context:
-    """System prompt + as many of the newest turns as fit + the question, within ``budget`` tokens.
+    """System prompt + the thread's first message + the summary of older turns + as many of the newest
+    turns as fit + the question, within ``budget`` tokens.
 
-    ``history`` is newest first and carries each turn's stored token count (images included), so
-    nothing here re-encodes it; without ``pictures`` (the model sees no images) a turn's images cost
-    nothing. The system prompt and the question are always kept; if they alone exceed the budget, the
-    question's images are left out, then both are truncated at a token boundary (the question first,
-    the system prompt to no less than half).
+    ``history`` is newest first and carries each turn's stored token count (images included), as do
+    ``first`` and ``summary_tokens``, so nothing here re-encodes them; without ``pictures`` (the model
+    sees no images) a turn's images cost nothing. The system prompt and the question are always kept; if
+    they alone exceed the budget, the question's images are left out, then both are truncated at a token
+    boundary (the question first, the system prompt to no less than half). The first message comes next
+    when it fits in half of what is left, then the summary when it fits, then the newest turns.
     """
 
     def cost(turn: Turn) -> int:
@@ -204,21 +230,37 @@ def build_context(
             question_tokens = counter.message_tokens("user", question_content)
 
     used = system_tokens + question_tokens
+    # A first message too big to keep ahead of the rest still goes when everything else fits too.
+    deferred, first = (
+        (first, None) if first is not None and cost(first) > (available - used) // 2 else (None, first)
+    )
+    if first is not None:
+        used += cost(first)
+    if summary:
+        summary_cost = summary_tokens + counter.message_tokens("system", SUMMARY_MESSAGE.format(summary=""))
+        if used + summary_cost <= available:
+            used += summary_cost
+        else:
+            summary = ""
     kept: list[Turn] = []
     for turn in history:
         if used + cost(turn) > available:
             break
         kept.append(turn)
         used += cost(turn)
+    if deferred is not None and len(kept) == len(history) and used + cost(deferred) <= available:
+        first, used = deferred, used + cost(deferred)
     return Context(
         system_prompt,
         tuple(reversed(kept)),
         question,
         question_content,
         used + REPLY_PRIMING_TOKENS,
-        trimmed=len(kept) < len(history),
+        trimmed=len(kept) < len(history) or (first is None and deferred is not None),
         pictures=pictures,
         question_pictures=question_pictures,
+        first=first,
+        summary=summary,
     )
 
 
@@ -276,6 +318,7 @@ class Responder:
         files: FileReader | None = None,
         pane: PaneContext | None = None,
         shortcut_slack: ShortcutSlack | None = None,
+        summaries: Summaries | None = None,
     ) -> None:
         self.history = history
         self.model = model
@@ -287,13 +330,14 @@ class Responder:
         self.files = files
         self.pane = pane
         self.shortcut_slack = shortcut_slack
+        self.summaries = summaries
 
     async def respond(self, job: Job) -> Spent | None:
         """Answer the job's message in its thread; a retried job finishes what the attempt before it
         started (it never stores the question twice nor leaves a half-written message behind). What the
         answer used, or None when there was none (a notice, a refusal, a model failure)."""
         incoming = job.incoming
-        check, spent = BudgetCheck(True), None
+        check, spent, context = BudgetCheck(True), None, None
         try:
             async with self.history.lock(incoming.key):
                 # A first delivery has no attempt before it: nothing to read.
@@ -328,6 +372,9 @@ class Responder:
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             await self._account(incoming, check, spent)
+        if spent is not None and context is not None and context.left_out and self.summaries is not None:
+            # After the answer and outside the lock: the summary never delays a reply.
+            await self.summaries.catch_up(incoming.key, incoming.user_id, persona, context.left_out)
         return spent
 
     async def _account(self, incoming: Incoming, check: BudgetCheck, spent: Spent | None) -> None:
@@ -505,8 +552,15 @@ class Responder:
         if prelude:
             await reply.append(prelude + "\n\n")
         try:
+            notes = [check.notice, SUMMARIZING_NOTE if context.left_out and not context.noted else None]
             answer, end, context = await self._answer(
-                incoming, persona, question, context, reply, check.notice, None if keep else ()
+                incoming,
+                persona,
+                question,
+                context,
+                reply,
+                "\n".join(n for n in notes if n) or None,
+                None if keep else (),
             )
         except ModelError as exc:
             log.warning("model failed in %s: %s", incoming.key, exc)
@@ -547,11 +601,24 @@ class Responder:
         if history is None:
             # The question may be stored already (a retried job); the context carries it last, whatever
             # came after it.
-            recent = await self.history.recent(incoming.key, budget + question.tokens)
-            history = [turn for turn in recent if turn.ts != question.ts]
-        context = build_context(
-            persona.system_prompt, history, question, budget, self.counter, pictures=pictures
-        )
+            recall = await self.history.recall(incoming.key, budget + question.tokens, without_ts=question.ts)
+            context = build_context(
+                persona.system_prompt,
+                recall.turns,
+                question,
+                budget,
+                self.counter,
+                pictures=pictures,
+                first=recall.first,
+                summary=recall.summary,
+                summary_tokens=recall.summary_tokens,
+            )
+            left_out = recall.left_out(context.kept_turns) if self.summaries is not None else range(0)
+            context = replace(context, left_out=left_out, noted=recall.noted)
+        else:
+            context = build_context(
+                persona.system_prompt, history, question, budget, self.counter, pictures=pictures
+            )
         wanted = context.wanted_pictures
         if wanted and self.files is not None:
             context = replace(context, picture_urls=await self.files.picture_urls(incoming.key, wanted))

@@ -224,8 +224,8 @@ class Shortcut:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Work the ingress accepted: a message to answer (``Incoming``), a deletion to carry out, or a
-    message shortcut to answer; ``attempt`` counts deliveries."""
+    """Work the ingress accepted: a message to answer (``Incoming``), a deletion to carry out, or
+    a message shortcut to answer; ``attempt`` counts deliveries."""
 
     id: str
     work: Incoming | Deletion | Shortcut
@@ -336,6 +336,34 @@ class TokenCounter(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Recall:
+    """What a thread's memory offers a context: its first message (kept word for word), the summary of
+    the turns after it up to ``summarized_until`` (a list position), and the newest turns since, newest
+    first, with their positions in the thread (for the summary to know what a context left out)."""
+
+    turns: tuple[Turn, ...] = ()
+    positions: tuple[int, ...] = ()
+    first: Turn | None = None
+    summary: str = ""
+    summary_tokens: int = 0
+    summarized_until: int = 1
+    noted: bool = False  # a summary was made once: the footnote saying so is not given again
+
+    def left_out(self, kept: int) -> range:
+        """The positions neither summarized nor among the ``kept`` newest turns of a context."""
+        oldest_kept = self.positions[kept - 1] if kept else (self.positions[0] + 1 if self.positions else 1)
+        return range(max(self.summarized_until, 1), oldest_kept)
+
+
+class Summaries(Protocol):
+    """Keeps each long thread's rolling summary, after the replies that leave older turns out."""
+
+    async def catch_up(self, key: ThreadKey, user_id: str, persona: Persona, left_out: range) -> None:
+        """Summarize the turns at ``left_out`` (positions) into the thread's summary; never raises."""
+        ...
+
+
 class History(Protocol):
     """Thread memory and the per-thread lock; a job's progress in its thread."""
 
@@ -347,8 +375,10 @@ class History(Protocol):
         """True when anything of the thread is stored."""
         ...
 
-    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
-        """Newest-first turns, reading only as many as can fill ``token_budget`` (plus one)."""
+    async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
+        """The thread's first message, its summary, and its newest turns not summarized (newest first,
+        reading only as many as can fill ``token_budget``, plus one); ``without_ts`` is a message
+        left out (the question, when an earlier attempt stored it)."""
         ...
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
@@ -438,7 +468,15 @@ class UsageLedger(Protocol):
     async def reserve(self, key: ThreadKey, user: str, model: str, tokens: int) -> BudgetCheck: ...
 
     async def settle(
-        self, key: ThreadKey, user: str, model: str, usage: Usage, trimmed: int, check: BudgetCheck
+        self,
+        key: ThreadKey,
+        user: str,
+        model: str,
+        usage: Usage,
+        trimmed: int,
+        check: BudgetCheck,
+        *,
+        counted: str = "replies",
     ) -> None: ...
 
     async def release(self, key: ThreadKey, user: str, check: BudgetCheck) -> None: ...

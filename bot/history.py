@@ -25,7 +25,16 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import LockError, RedisError
 
-from bot.domain import Attachment, JobProgress, Picture, SlackFile, ThreadKey, TokenCounter, Turn
+from bot.domain import (
+    Attachment,
+    JobProgress,
+    Picture,
+    Recall,
+    SlackFile,
+    ThreadKey,
+    TokenCounter,
+    Turn,
+)
 from bot.errors import ThreadBusy
 from bot.redis_client import redis_errors
 
@@ -40,16 +49,50 @@ LOCK_WAIT_SECONDS = 180.0
 # still storing its answer, a few milliseconds from release.
 LOCK_POLL_SECONDS = 0.01
 # Store a job's question (or answer) once, however often the job is tried: the job's progress hash says
-# whether it was stored, in the same step. KEYS: turns, progress. ARGV: the progress field, how many
-# turns to keep, the thread TTL, the progress TTL, the encoded turn.
+# whether it was stored, in the same step. Past the cap, the oldest turns go but the thread's first
+# message stays (it is kept word for word), and the summary's span shifts with the turns that went.
+# KEYS: turns, progress, memory. ARGV: the progress field, how many turns to keep, the thread TTL, the
+# progress TTL, the encoded turn.
 _STORE_ONCE = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
-  redis.call('RPUSH', KEYS[1], ARGV[5])
-  redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+  local over = redis.call('RPUSH', KEYS[1], ARGV[5]) - tonumber(ARGV[2])
+  if over > 0 then
+    local first = redis.call('LINDEX', KEYS[1], 0)
+    redis.call('LTRIM', KEYS[1], over + 1, -1)
+    redis.call('LPUSH', KEYS[1], first)
+    local through = tonumber(redis.call('HGET', KEYS[3], 'through') or '1')
+    if through > 1 then redis.call('HSET', KEYS[3], 'through', math.max(1, through - over)) end
+  end
   redis.call('EXPIRE', KEYS[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 """
+# A new summary replaces the old only if nothing changed the thread's memory while it was written (a
+# deletion or an edit reset it, the cap shifted it, the thread went). KEYS: memory, turns. ARGV: the
+# generation and span end it was written from, its new span end, the summary, its tokens, their
+# encoding, the thread TTL.
+_SAVE_SUMMARY = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'gen') or '0') ~= ARGV[1] then return 0 end
+if (redis.call('HGET', KEYS[1], 'through') or '1') ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'through', ARGV[3], 'summary', ARGV[4], 'tokens', ARGV[5], 'enc', ARGV[6])
+redis.call('HSET', KEYS[1], 'noted', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1
+"""
+SUMMARIZING_SECONDS = 300  # one thread's summary is written by one worker at a time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoredSummary:
+    """A thread's summary as kept: its text and tokens, the span end (positions 1 up to ``until`` are
+    summarized) and the generation it belongs to (reset by deletions and edits)."""
+
+    text: str
+    tokens: int
+    until: int
+    generation: str
 
 
 def _encode(turn: Turn) -> str:
@@ -113,6 +156,7 @@ class RedisHistory:
         self._max_turns = max_turns
         self._lock_lease = lock_lease_seconds
         self._store_once = client.register_script(_STORE_ONCE)
+        self._save_summary = client.register_script(_SAVE_SUMMARY)
 
     def _key(self, key: ThreadKey, part: str) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
@@ -148,47 +192,77 @@ class RedisHistory:
                 return
 
     async def remembers(self, key: ThreadKey) -> bool:
+        # A thread whose memory hash outlived its turns is still one the bot knows.
         with redis_errors("reading thread state"):
-            return bool(await self._redis.exists(self._key(key, "turns")))
+            return bool(await self._redis.exists(self._key(key, "turns"), self._key(key, "memory")))
 
-    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
-        """Newest-first turns until their tokens pass ``token_budget``: pages of LRANGE from the end.
-
-        Pages double in size (64, 128, 256, ...), so a budget of a few hundred turns costs two or three
-        round trips and a short thread one.
-        """
-        turns: list[Turn] = []
-        recounted: dict[int, Turn] = {}
-        total = 0
-        read = 0
-        size = PAGE_SIZE
+    async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
+        """The first message, the summary and the newest-first turns after the summary's span until their
+        tokens pass ``token_budget``: the first page in one round trip with the memory, then pages of
+        LRANGE from the end that double in size (64, 128, 256, ...), so a budget of a few hundred turns
+        costs two or three round trips and a short thread one."""
+        turns_key = self._key(key, "turns")
         with redis_errors("reading a thread"):
-            while total <= token_budget:
-                stop = -read - 1
-                raw = await self._redis.lrange(self._key(key, "turns"), stop - size + 1, stop)
-                for offset, item in enumerate(reversed(raw)):
-                    turn = _decode(item)
-                    if turn.encoding != self._counter.encoding_name:
-                        turn = self._recount(turn)
-                        recounted[stop - offset] = turn
-                    turns.append(turn)
-                    total += turn.tokens
-                    if total > token_budget:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(self._key(key, "memory"))
+                pipe.llen(turns_key)
+                pipe.lindex(turns_key, 0)
+                pipe.lrange(turns_key, -PAGE_SIZE, -1)
+                memory, length, first_raw, page = await pipe.execute()
+            summary = self._summary(memory)
+            floor = max(summary.until, 1)  # positions below are the first message and the summary's
+            turns: list[Turn] = []
+            positions: list[int] = []
+            recounted: dict[int, Turn] = {}
+            total, newest, size = 0, length - 1, PAGE_SIZE
+            while newest >= floor:
+                for offset, raw in enumerate(reversed(page)):
+                    position = newest - offset
+                    if position < floor or total > token_budget:
                         break
-                if len(raw) < size:
+                    turn = _decode(raw)
+                    if turn.encoding != self._counter.encoding_name:
+                        turn = recounted[position] = self._recount(turn)
+                    if turn.ts and turn.ts == without_ts:
+                        continue
+                    turns.append(turn)
+                    positions.append(position)
+                    total += turn.tokens
+                newest -= len(page)
+                if total > token_budget or len(page) < size or newest < floor:
                     break
-                read += size
                 size *= 2
+                page = await self._redis.lrange(turns_key, max(newest - size + 1, floor), newest)
+            first = _decode(first_raw) if first_raw is not None else None
+            if first is not None and first.encoding != self._counter.encoding_name:
+                first = recounted[0] = self._recount(first)
+            if first is not None and without_ts and first.ts == without_ts:
+                first = None  # the question itself: the context carries it last
             if recounted:
                 await self._rewrite(key, recounted)
-        return turns
+        return Recall(
+            tuple(turns),
+            tuple(positions),
+            first,
+            summary.text,
+            summary.tokens,
+            summary.until,
+            noted=memory.get("noted") == "1",
+        )
+
+    def _summary(self, memory: Any) -> StoredSummary:  # decoded field -> value
+        text = memory.get("summary", "")
+        tokens = int(memory.get("tokens", 0))
+        if text and memory.get("enc") != self._counter.encoding_name:
+            tokens = self._counter.message_tokens("system", text)
+        return StoredSummary(text, tokens, int(memory.get("through", 1)), memory.get("gen", "0"))
 
     def _recount(self, turn: Turn) -> Turn:
         tokens = self._counter.message_tokens(turn.role, turn.content) + turn.picture_tokens
         return replace(turn, tokens=tokens, encoding=self._counter.encoding_name)
 
     async def _rewrite(self, key: ThreadKey, turns: dict[int, Turn]) -> None:
-        # Callers hold the thread lock, so negative indexes still point at the same turns.
+        # Callers hold the thread lock, so the positions still point at the same turns.
         async with self._redis.pipeline(transaction=True) as pipe:
             for index, turn in turns.items():
                 pipe.lset(self._key(key, "turns"), index, _encode(turn))
@@ -198,10 +272,11 @@ class RedisHistory:
         if not turns:
             return
         turns_key = self._key(key, "turns")
+        if len(turns) > self._max_turns:  # the first message and the newest, as the cap keeps them
+            turns = [turns[0], *turns[len(turns) - self._max_turns + 1 :]]
         with redis_errors("storing a thread read from Slack"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(turns_key, *(_encode(t) for t in turns))
-                pipe.ltrim(turns_key, -self._max_turns, -1)
                 pipe.expire(turns_key, self._ttl)
                 await pipe.execute()
 
@@ -211,16 +286,18 @@ class RedisHistory:
         turns_key = self._key(key, "turns")
         with redis_errors("forgetting a message"):
             raws = await self._redis.lrange(turns_key, 0, -1)
-            gone = [(raw, turn) for raw in raws if (turn := _decode(raw)).ts == ts]
-            for raw, _ in gone:
+            gone = [(i, raw, turn) for i, raw in enumerate(raws) if (turn := _decode(raw)).ts == ts]
+            for _, raw, _ in gone:
                 await self._redis.lrem(turns_key, 0, raw if isinstance(raw, str) else raw.decode())
-        return [turn for _, turn in gone]
+        await self._summary_changed(key, [i for i, _, _ in gone])
+        return [turn for _, _, turn in gone]
 
     async def forget_file(self, key: ThreadKey, file_id: str) -> list[Attachment]:
         """Take the file ``file_id`` out of every turn of the thread that holds it, recounting those
         turns; what was taken out. The caller holds the thread lock (list indexes stay put)."""
         turns_key = self._key(key, "turns")
         removed: list[Attachment] = []
+        changed: list[int] = []
         with redis_errors("forgetting a file"):
             raws = await self._redis.lrange(turns_key, 0, -1)
             async with self._redis.pipeline(transaction=True) as pipe:
@@ -229,8 +306,10 @@ class RedisHistory:
                     kept = tuple(a for a in turn.attachments if a.file.id != file_id)
                     if len(kept) < len(turn.attachments):
                         removed += [a for a in turn.attachments if a.file.id == file_id]
+                        changed.append(index)
                         pipe.lset(turns_key, index, _encode(self._recount(replace(turn, attachments=kept))))
                 await pipe.execute()
+        await self._summary_changed(key, changed)
         return removed
 
     async def forget_thread(self, key: ThreadKey) -> list[Turn]:
@@ -239,8 +318,89 @@ class RedisHistory:
         turns_key = self._key(key, "turns")
         with redis_errors("forgetting a thread"):
             raws = await self._redis.lrange(turns_key, 0, -1)
-            await self._redis.delete(turns_key)
+            await self._redis.delete(turns_key, self._key(key, "memory"))
         return [_decode(raw) for raw in raws]
+
+    async def _summary_changed(self, key: ThreadKey, positions: Sequence[int]) -> None:
+        """Turns at ``positions`` changed or went: a summary that covered any of them is built again."""
+        if not positions:
+            return
+        with redis_errors("reading a thread's summary"):
+            until = int(await self._redis.hget(self._key(key, "memory"), "through") or 1)
+        if any(0 < position < until for position in positions):
+            await self.reset_summary(key)
+
+    async def reset_summary(self, key: ThreadKey) -> None:
+        """Throw the thread's summary away (a turn it covered changed or went): the next replies build it
+        again from the turns that remain. The caller holds the thread lock."""
+        memory = self._key(key, "memory")
+        with redis_errors("resetting a thread's summary"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hdel(memory, "summary", "tokens", "enc")
+                pipe.hset(memory, "through", 1)
+                pipe.hincrby(memory, "gen", 1)
+                pipe.expire(memory, self._ttl)
+                await pipe.execute()
+
+    async def summary(self, key: ThreadKey) -> StoredSummary:
+        """The thread's summary as kept (empty, covering nothing, when it has none)."""
+        with redis_errors("reading a thread's summary"):
+            memory = await self._redis.hgetall(self._key(key, "memory"))
+        return self._summary(memory)
+
+    async def turns_between(self, key: ThreadKey, start: int, stop: int, token_budget: int) -> list[Turn]:
+        """The turns at positions ``start`` up to ``stop``, oldest first, while their tokens stay within
+        ``token_budget`` (the first one whatever its size): what one summarizer call reads."""
+        turns: list[Turn] = []
+        total = 0
+        with redis_errors("reading turns to summarize"):
+            while start < stop:
+                page = await self._redis.lrange(
+                    self._key(key, "turns"), start, min(stop, start + PAGE_SIZE) - 1
+                )
+                for raw in page:
+                    turn = _decode(raw)
+                    if turns and total + turn.tokens > token_budget:
+                        return turns
+                    turns.append(turn)
+                    total += turn.tokens
+                if len(page) < PAGE_SIZE:
+                    break
+                start += PAGE_SIZE
+        return turns
+
+    async def save_summary(self, key: ThreadKey, since: StoredSummary, until: int, text: str) -> bool:
+        """Keep ``text`` as the summary of positions 1 up to ``until``, written from ``since``; False
+        when the thread's memory changed meanwhile (the summary is then dropped)."""
+        tokens = self._counter.message_tokens("system", text)
+        args: list[str | int] = [
+            since.generation,
+            since.until,
+            until,
+            text,
+            tokens,
+            self._counter.encoding_name,
+            self._ttl,
+        ]
+        with redis_errors("storing a thread's summary"):
+            saved = await self._save_summary(
+                keys=[self._key(key, "memory"), self._key(key, "turns")], args=args
+            )
+        return bool(saved)
+
+    @contextlib.asynccontextmanager
+    async def summarizing(self, key: ThreadKey) -> AsyncIterator[bool]:
+        """Hold the thread's summary while it is written, without waiting: yields False when another
+        worker writes it already (that one will cover what this one would have)."""
+        lock = self._redis.lock(self._key(key, "summarizing"), timeout=SUMMARIZING_SECONDS, blocking=False)
+        with redis_errors("taking a thread's summary"):
+            held = bool(await lock.acquire())
+        try:
+            yield held
+        finally:
+            if held:
+                with contextlib.suppress(LockError, RedisError):
+                    await lock.release()
 
     def _progress_key(self, key: ThreadKey, job_id: str) -> str:
         return self._key(key, f"job:{job_id}")
@@ -262,7 +422,7 @@ class RedisHistory:
         await self._store(key, job_id, "answer", turn, action="storing an answer")
 
     async def _store(self, key: ThreadKey, job_id: str, field: str, turn: Turn, *, action: str) -> None:
-        keys = [self._key(key, "turns"), self._progress_key(key, job_id)]
+        keys = [self._key(key, "turns"), self._progress_key(key, job_id), self._key(key, "memory")]
         with redis_errors(action):
             await self._store_once(
                 keys=keys, args=[field, self._max_turns, self._ttl, PROGRESS_SECONDS, _encode(turn)]

@@ -36,6 +36,7 @@ from bot.personas import FilePersonas, PersonaStore
 from bot.redis_client import open_redis
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
+from bot.summaries import Summarizer
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 from bot.usage import Budgets, RedisUsage, load_prices
 from bot.views import feedback_blocks
@@ -167,6 +168,20 @@ class Services:
             files=files,
             pane=pane,
             shortcut_slack=shortcut_slack,
+            summaries=self._summarizer(model or self.model),
+        )
+
+    def _summarizer(self, model: ChatModel) -> Summarizer | None:
+        if not self.settings.summaries:
+            return None
+        return Summarizer(
+            self.history,
+            model,
+            self.counter,
+            max_prompt_tokens=self.settings.max_prompt_tokens,
+            max_tokens=self.settings.summary_max_tokens,
+            model_name=self.settings.summary_model,
+            usage=self.usage,
         )
 
     def require_slack(self) -> SlackServices:

@@ -60,6 +60,8 @@ _HINTS: dict[str, str] = {
     "FILE_MAX_TOKENS": "a whole number of tokens, at least 100",
     "FILE_TIMEOUT_SECONDS": "a number of seconds above 0",
     "IMAGE_CACHE_SECONDS": "a whole number of seconds, 0 or more (0: fetch images again for every reply)",
+    "SUMMARIES": "on or off",
+    "SUMMARY_MAX_TOKENS": "a whole number of tokens from 50 to 4000",
 } | {param.setting.upper(): param.allowed + _AS_JSON.get(param.widget, "") for param in PARAMS}
 
 
@@ -138,6 +140,11 @@ class Settings(BaseSettings):
     feedback: bool = True  # thumbs-up/down buttons under every finished answer
     history_ttl_seconds: Annotated[int, Field(ge=60)] = 30 * 24 * 3600
     history_max_messages: Annotated[int, Field(ge=2)] = 10000
+    # Long threads: the turns a context leaves out are summarized after the reply (by SUMMARY_MODEL,
+    # unset: the persona's model), and the summary, at most SUMMARY_MAX_TOKENS, goes with the next ones.
+    summaries: bool = True
+    summary_model: str | None = None
+    summary_max_tokens: Annotated[int, Field(ge=50, le=4000)] = 600
 
     redis_url: str | None = None
     redis_prefix: str = "sgb:"

@@ -199,9 +199,18 @@ class RedisUsage:
         return BudgetCheck(True, notice=notice, reserved=tokens, reserved_micro_usd=cost)
 
     async def settle(
-        self, key: ThreadKey, user: str, model: str, usage: Usage, trimmed: int, check: BudgetCheck
+        self,
+        key: ThreadKey,
+        user: str,
+        model: str,
+        usage: Usage,
+        trimmed: int,
+        check: BudgetCheck,
+        *,
+        counted: str = "replies",
     ) -> None:
-        """Record a reply's usage and release its reservation."""
+        """Record a reply's usage (or a summary's: ``counted`` names what is counted) and release its
+        reservation."""
         TOKENS.labels("prompt").inc(usage.prompt_tokens)
         TOKENS.labels("completion").inc(usage.completion_tokens)
         now = datetime.datetime.now(datetime.UTC)
@@ -209,7 +218,7 @@ class RedisUsage:
             "prompt": usage.prompt_tokens,
             "completion": usage.completion_tokens,
             "reasoning": usage.reasoning_tokens,
-            "replies": 1,
+            counted: 1,
             "trimmed": trimmed,
             "estimated": int(usage.estimated),
             "micro_usd": micro_usd(self.prices, model, usage.prompt_tokens, usage.completion_tokens),

@@ -23,6 +23,7 @@ from bot.domain import (
     JobProgress,
     Persona,
     Rated,
+    Recall,
     ReplyLog,
     SlackFile,
     SlackMessage,
@@ -53,17 +54,21 @@ class MemoryHistory:
     async def remembers(self, key: ThreadKey) -> bool:
         return bool(self.turns[key])
 
-    async def recent(self, key: ThreadKey, token_budget: int) -> list[Turn]:
-        """Newest first, stopping right after the turn that takes the total past ``token_budget``."""
+    async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
+        """The first turn, then newest first, stopping right after the turn that takes the total past
+        ``token_budget``; no summaries."""
         self.recent_budgets.append(token_budget)
+        turns = [t for t in self.turns[key] if not (without_ts and t.ts == without_ts)]
         found: list[Turn] = []
+        positions: list[int] = []
         total = 0
-        for turn in reversed(self.turns[key]):
-            found.append(turn)
-            total += turn.tokens
+        for position in range(len(turns) - 1, 0, -1):
+            found.append(turns[position])
+            positions.append(position)
+            total += turns[position].tokens
             if total > token_budget:
                 break
-        return found
+        return Recall(tuple(found), tuple(positions), turns[0] if turns else None)
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
         self.turns[key].extend(turns)

@@ -165,9 +165,10 @@ async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_questio
     assert messages[-1]["content"] == "alice: what was the last number?"
     total = sum(counter.message_tokens(m["role"], m["content"]) for m in messages) + 3
     assert total <= budget
-    kept = [m["content"] for m in messages[1:-1]]
+    assert messages[1]["content"] == turns[0].content  # the thread's first message, word for word
+    kept = [m["content"] for m in messages[2:-1]]
     assert 20 < len(kept) < 2000
-    assert kept == [t.content for t in turns[-len(kept) :]]  # the newest turns, in order
+    assert kept == [t.content for t in turns[-len(kept) :]]  # then the newest turns, in order
 
 
 async def test_bot_ignores_itself_other_bots_and_edits(harness: Harness) -> None:

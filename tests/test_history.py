@@ -28,8 +28,10 @@ async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
     keys = sorted([k async for k in redis_client.scan_iter(match=f"{prefix}*")])
     assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
     assert 590 < await redis_client.ttl(keys[0]) <= 600
-    stored = await history.recent(KEY, 10**6)
-    assert [t.text for t in stored] == [f"turn {i}" for i in (7, 6, 5, 4, 3)]  # capped, newest first
+    stored = await history.recall(KEY, 10**6)
+    # capped: the first message and the newest
+    assert stored.first is not None and stored.first.text == "turn 0"
+    assert [t.text for t in stored.turns] == [f"turn {i}" for i in (7, 6, 5, 4)]
     assert await history.remembers(KEY)
 
 
@@ -39,7 +41,7 @@ async def test_recent_reads_only_what_the_budget_can_use(
     history = RedisHistory(redis_client, counter, prefix=prefix)
     await history.seed(KEY, [turn(counter, i) for i in range(10_000)])
     per_turn = turn(counter, 9999).tokens
-    recent = await history.recent(KEY, 50 * per_turn)
+    recent = (await history.recall(KEY, 50 * per_turn)).turns
     assert len(recent) == 51  # what fits, plus the one that tells build_context to stop
     assert recent[0].text == "turn 9999" and recent[-1].text == "turn 9949"
 
@@ -50,7 +52,8 @@ async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewrit
     history = RedisHistory(redis_client, counter, prefix=prefix)
     old = Turn("assistant", "bonjour " * 50, 1, "cl100k_base")
     await history.seed(KEY, [old])
-    (recounted,) = await history.recent(KEY, 10**6)
+    recounted = (await history.recall(KEY, 10**6)).first
+    assert recounted is not None
     assert recounted.encoding == "o200k_base"
     assert recounted.tokens == counter.message_tokens("assistant", "bonjour " * 50)
     raw = await redis_client.lindex(f"{prefix}{{T9:C9:1700000000.000001}}:turns", 0)
@@ -70,7 +73,8 @@ async def test_a_jobs_question_and_answer_are_stored_once_however_often_it_is_tr
     await history.record_part(KEY, "1-0", 1, "1700000000.000200")
     await history.store_answer(KEY, "1-0", answer)
     await history.store_answer(KEY, "1-0", answer)
-    assert [t.text for t in await history.recent(KEY, 10**6)] == ["an answer", "turn 1"]
+    stored = await history.recall(KEY, 10**6)
+    assert stored.first == question and [t.text for t in stored.turns] == ["an answer"]
     assert await history.progress(KEY, "1-0") == JobProgress(
         question_stored=True, answered=True, parts=("1700000000.000100", "1700000000.000200")
     )
