@@ -181,6 +181,29 @@ class Deletion:
         return f"deleted:{self.key.channel if self.key else ''}:{self.ts}"
 
 
+@dataclass(frozen=True, slots=True)
+class Edit:
+    """A message of a thread the bot keeps, edited in Slack: its stored turn takes the new ``text``
+    (Slack markup, as in ``Incoming.text``)."""
+
+    key: ThreadKey
+    ts: str  # the message
+    text: str
+    edited_at: str  # the edit's own ts: each edit of a message is a job of its own
+
+    @property
+    def team(self) -> str:
+        return self.key.team
+
+    @property
+    def dedup_key(self) -> str:
+        return f"edited:{self.key.channel}:{self.ts}:{self.edited_at}"
+
+
+# Changes made in Slack that the bot carries out in its memory; nobody waits for an answer to them.
+Change = Deletion | Edit
+
+
 ShortcutKind = Literal["ask", "summarize", "translate"]
 
 
@@ -224,11 +247,11 @@ class Shortcut:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """Work the ingress accepted: a message to answer (``Incoming``), a deletion to carry out, or
-    a message shortcut to answer; ``attempt`` counts deliveries."""
+    """Work the ingress accepted: a message to answer (``Incoming``), a change to carry out (a deletion
+    or an edit), or a message shortcut to answer; ``attempt`` counts deliveries."""
 
     id: str
-    work: Incoming | Deletion | Shortcut
+    work: Incoming | Change | Shortcut
     attempt: int = 1
     enqueued_at: float = 0.0  # wall-clock seconds when the ingress queued it
 

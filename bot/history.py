@@ -292,6 +292,23 @@ class RedisHistory:
         await self._summary_changed(key, [i for i, _, _ in gone])
         return [turn for _, _, turn in gone]
 
+    async def edit_message(self, key: ThreadKey, ts: str, text: str) -> bool:
+        """Give the stored turn of the message ``ts`` (edited in Slack) its new ``text``, recounted; False
+        when the thread does not hold it. The caller holds the thread lock (list indexes stay put).
+        Reads the whole thread: edits are rare and off the reply path."""
+        turns_key = self._key(key, "turns")
+        with redis_errors("changing an edited message"):
+            raws = await self._redis.lrange(turns_key, 0, -1)
+            edited = {
+                index: self._recount(replace(turn, text=text))
+                for index, raw in enumerate(raws)
+                if (turn := _decode(raw)).ts == ts and turn.role == "user"
+            }
+            if edited:
+                await self._rewrite(key, edited)
+        await self._summary_changed(key, list(edited))
+        return bool(edited)
+
     async def forget_file(self, key: ThreadKey, file_id: str) -> list[Attachment]:
         """Take the file ``file_id`` out of every turn of the thread that holds it, recounting those
         turns; what was taken out. The caller holds the thread lock (list indexes stay put)."""

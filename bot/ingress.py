@@ -1,13 +1,13 @@
 """The ingress: Slack's requests in, jobs out. The only module that imports ``slack_bolt``.
 
-A message event (or a deletion: a message or a file people deleted) is parsed, then checked (is it
-for the bot at all?), deduplicated and queued as a job in one step (``JobQueue.accept``, one Redis
-call), before Slack is acknowledged: Bolt runs with ``process_before_response``, so the
-acknowledgement goes out only once the listener has returned. If Redis cannot take the job, the
-listener raises, Bolt answers 500, and the event is left unacknowledged (Socket Mode) or refused
-(HTTP): Slack delivers it again later. Nothing here posts to Slack, so an outage never produces a
-message. No Slack call precedes an acknowledgement: Bolt's authorisation is answered from the identity
-fetched at start-up.
+A message event (or a change: a message people edited, a message or a file they deleted) is parsed,
+then checked (is it for the bot at all?), deduplicated and queued as a job in one step
+(``JobQueue.accept``, one Redis call), before Slack is acknowledged: Bolt runs with
+``process_before_response``, so the acknowledgement goes out only once the listener has returned. If
+Redis cannot take the job, the listener raises, Bolt answers 500, and the event is left
+unacknowledged (Socket Mode) or refused (HTTP): Slack delivers it again later. Nothing here posts to
+Slack, so an outage never produces a message. No Slack call precedes an acknowledgement: Bolt's
+authorisation is answered from the identity fetched at start-up.
 
 Slash commands, the persona editor and App Home are acknowledged at once and do their work right
 after (Bolt's lazy listeners), in this process: they answer the person who asked, within Slack's few
@@ -51,7 +51,7 @@ from bot.persona_commands import ModelList, PersonaCommands
 from bot.services import Services
 from bot.settings import secret_value
 from bot.shortcuts import KINDS, Shortcuts
-from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_deletion, parse_event
+from bot.slack import BotIdentity, check_app_token, is_slack_id, parse_change, parse_event
 from bot.usage_report import UsageReport
 from bot.views import (
     EDIT_ACTION,
@@ -74,12 +74,12 @@ class Ingress:
         self._identity = identity
 
     async def accept(self, body: dict[str, Any], event: dict[str, Any]) -> None:
-        """Queue the event's message if it is for the bot, or the deletion it tells of; raises
+        """Queue the event's message if it is for the bot, or the edit or deletion it tells of; raises
         ``HistoryError`` when Redis cannot take it, so that Slack is not acknowledged and delivers it
         again."""
         EVENTS_RECEIVED.inc()
         team = body.get("team_id") or self._identity.team_id
-        work = parse_event(event, team=team, bot_user_id=self._identity.user_id) or parse_deletion(
+        work = parse_event(event, team=team, bot_user_id=self._identity.user_id) or parse_change(
             event, team=team
         )
         if work is not None:

@@ -38,7 +38,7 @@ import orjson
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
-from bot.domain import Deletion, Incoming, Job, Shortcut, SlackFile, ThreadKey
+from bot.domain import Change, Deletion, Edit, Incoming, Job, Shortcut, SlackFile, ThreadKey
 from bot.redis_client import redis_errors
 
 GROUP = "workers"
@@ -105,9 +105,11 @@ def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
-def _encode(work: Incoming | Deletion | Shortcut) -> bytes:
+def _encode(work: Incoming | Change | Shortcut) -> bytes:
     if isinstance(work, Shortcut):
         return orjson.dumps({"kind": "shortcut", "shortcut": dataclasses.asdict(work)})
+    if isinstance(work, Edit):
+        return orjson.dumps({"kind": "edit", "edit": dataclasses.asdict(work)})
     if isinstance(work, Deletion):
         key = work.key
         thread = [key.channel, key.thread_ts] if key else None
@@ -134,9 +136,12 @@ def _decode(job_id: str, fields: Any, attempt: int) -> Job:
     # Scripts hand back a flat [field, value, ...] list, redis-py a dict.
     values = fields if isinstance(fields, dict) else dict(zip(fields[::2], fields[1::2], strict=True))
     data = orjson.loads(values["job"])
-    work: Incoming | Deletion | Shortcut
+    work: Incoming | Change | Shortcut
     if data.get("kind") == "shortcut":
         work = _shortcut(data)
+    elif data.get("kind") == "edit":
+        fields = data["edit"]
+        work = Edit(**{**fields, "key": ThreadKey(**fields["key"])})
     elif data.get("kind") == "deletion":
         thread = data["thread"]
         key = ThreadKey(data["team"], thread[0], thread[1]) if thread else None
@@ -198,11 +203,11 @@ class JobQueue:
     def _joined(self, key: ThreadKey) -> str:
         return self._key(f"joined:{key.team}:{key.channel}:{key.thread_ts}")
 
-    async def accept(self, work: Incoming | Deletion | Shortcut) -> Acceptance:
+    async def accept(self, work: Incoming | Change | Shortcut) -> Acceptance:
         """Queue a job for ``work`` if it concerns the bot and was not queued before: a message addressed
-        to it or said in a thread it joined (which joins the thread), a deletion in a thread it joined,
-        a deleted file (wherever the bot may keep it), a shortcut someone used (which joins nothing: the
-        thread's people did not ask the bot in)."""
+        to it or said in a thread it joined (which joins the thread), an edit or a deletion in a thread
+        it joined, a deleted file (wherever the bot may keep it), a shortcut someone used (which joins
+        nothing: the thread's people did not ask the bot in)."""
         if isinstance(work, Incoming):
             team, joined = work.key.team, self._joined(work.key)
             only_if_joined, joins = not work.addressed, True

@@ -36,7 +36,7 @@ def _worker(services: Services) -> Worker:
         slack.queue,
         services.responder(slack.adapter, files=slack.files, pane=slack.pane, shortcut_slack=slack.adapter),
         services.history,
-        Forgetting(services.history, slack.files, services.personas, slack.queue),
+        Forgetting(services.history, slack.files, services.personas, slack.queue, slack.adapter.readable),
         concurrency=services.settings.worker_concurrency,
     )
 

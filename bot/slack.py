@@ -42,7 +42,9 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
 from bot.domain import (
+    Change,
     Deletion,
+    Edit,
     Incoming,
     Rated,
     ReplyLog,
@@ -149,6 +151,28 @@ class _Deleted(BaseModel):
 
     channel: SlackId
     deleted_ts: SlackTs
+    previous_message: dict[str, Any] = {}
+
+
+class _Edited(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ts: SlackTs
+
+
+class _EditedMessage(_Message):
+    user: SlackId
+    edited: _Edited
+    bot_id: StrictStr | None = None
+
+
+class _Changed(BaseModel):
+    """A ``message_changed`` event: the message as it is now, and as it was."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    channel: SlackId
+    message: _EditedMessage
     previous_message: dict[str, Any] = {}
 
 
@@ -391,19 +415,30 @@ def parse_event(event: Mapping[str, Any], *, team: str, bot_user_id: str) -> Inc
     )
 
 
-def parse_deletion(event: Mapping[str, Any], *, team: str) -> Deletion | None:
-    """What a ``message_deleted`` or ``file_deleted`` event asks the bot to forget, if anything."""
+def parse_change(event: Mapping[str, Any], *, team: str) -> Change | None:
+    """What a ``message_deleted``, ``message_changed`` or ``file_deleted`` event asks the bot to
+    forget or change, if anything: a person's edit of their text (not a bot's update, nor Slack adding
+    a link preview), a deleted message or file."""
     if not is_slack_id(team):
         return None
     try:
         if event.get("type") == "file_deleted":
             return Deletion(team, file_id=_FileDeleted.model_validate(event).file_id)
-        if event.get("type") == "message" and event.get("subtype") == "message_deleted":
+        if event.get("type") != "message":
+            return None
+        if event.get("subtype") == "message_deleted":
             deleted = _Deleted.model_validate(event)
             thread_ts = deleted.previous_message.get("thread_ts")
             if not (isinstance(thread_ts, str) and re.fullmatch(_SLACK_TS, thread_ts)):
                 thread_ts = deleted.deleted_ts  # a message outside a thread is (or starts) its own
             return Deletion(team, ThreadKey(team, deleted.channel, thread_ts), deleted.deleted_ts)
+        if event.get("subtype") == "message_changed" and "edited" in (event.get("message") or {}):
+            changed = _Changed.model_validate(event)
+            message = changed.message
+            if message.bot_id or message.text == changed.previous_message.get("text"):
+                return None
+            key = ThreadKey(team, changed.channel, message.thread_ts or message.ts)
+            return Edit(key, message.ts, valid_text(message.text), message.edited.ts)
     except ValidationError as exc:
         _malformed(event.get("type"), exc)
     return None

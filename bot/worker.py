@@ -20,7 +20,7 @@ import logging
 import time
 
 from bot.conversation import Responder
-from bot.domain import Deletion, Job, Shortcut
+from bot.domain import Change, Job, Shortcut
 from bot.errors import BotError, HistoryError
 from bot.forgetting import Forgetting
 from bot.history import RedisHistory
@@ -139,7 +139,7 @@ class Worker:
             log.info("job started: attempt %d, %.1f ms in the queue", job.attempt, waited * 1000)
             JOBS_IN_FLIGHT.inc()
             try:
-                if isinstance(job.work, Deletion):
+                if isinstance(job.work, Change):
                     await self._forgetting.carry_out(job.work)
                 elif isinstance(job.work, Shortcut):
                     await self._responder.respond_to_shortcut(job)
@@ -164,7 +164,7 @@ class Worker:
         try:
             await self._queue.ack(job)
             JOBS_DONE.inc()
-            if not isinstance(job.work, Deletion):
+            if not isinstance(job.work, Change):
                 await self._history.forget_job(job.work.key, job.id)
         except HistoryError as exc:
             # Retried later, the job finds itself answered and is only acknowledged.
@@ -180,7 +180,7 @@ class Worker:
                 return
             JOBS_DEAD_LETTERED.inc()
             log.error("job failed %d attempts; moved to the dead letters", job.attempt - 1)
-            if isinstance(job.work, Deletion):
+            if isinstance(job.work, Change):
                 return  # nobody waits for an answer
             try:
                 await self._responder.apologise(job, APOLOGY)

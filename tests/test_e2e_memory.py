@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import orjson
+
 from bot.conversation import SUMMARIZING_NOTE
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
@@ -125,3 +127,67 @@ async def test_with_summaries_off_nothing_is_summarized_but_the_first_question_s
     assert request["messages"][1]["content"] == "alice: the goal: migrate the cache to Redis 7"
     answers = [m["text"] for m in harness.slack.thread("C1", key.thread_ts) if m["user"] == BOT_USER_ID]
     assert answers and not any(SUMMARIZING_NOTE in a for a in answers)
+
+
+def changed(
+    channel: str, ts: str, text: str, previous: str, thread_ts: str, **message: Any
+) -> dict[str, Any]:
+    """A ``message_changed`` event: the message ``ts`` now says ``text``."""
+    return {
+        "type": "message",
+        "subtype": "message_changed",
+        "channel": channel,
+        "ts": next_ts(),
+        "hidden": True,
+        "message": {
+            "type": "message",
+            "user": "U1",
+            "text": text,
+            "ts": ts,
+            "thread_ts": thread_ts,
+            "edited": {"user": "U1", "ts": next_ts()},
+            **message,
+        },
+        "previous_message": {"type": "message", "user": "U1", "text": previous, "ts": ts},
+    }
+
+
+async def test_edits_and_deletions_change_what_the_next_request_holds(
+    harness: Harness, counter: TiktokenCounter
+) -> None:
+    async with harness.running():
+        root = await harness.say("what is the plan?")
+        await harness.replies_done(1)
+        follow = await harness.say("use port 6379", mention=False, thread_ts=root)
+        await harness.replies_done(2)
+        gone = await harness.say("and a secret aside", mention=False, thread_ts=root)
+        await harness.replies_done(3)
+        mention = f"<@{BOT_USER_ID}>"
+        events = [
+            changed("C1", root, f"{mention} what is the goal?", f"{mention} what is the plan?", root),
+            changed("C1", follow, "use port 7000, ask <@U2>", "use port 6379", root),
+            # Not a person's edit: a bot updating its post, and Slack adding a link preview.
+            changed("C1", follow, "a bot's update", "use port 7000, ask <@U2>", root, bot_id="B999"),
+            changed("C1", gone, "and a secret aside", "and a secret aside", root),
+            {
+                "type": "message",
+                "subtype": "message_deleted",
+                "channel": "C1",
+                "ts": next_ts(),
+                "deleted_ts": gone,
+                "hidden": True,
+                "previous_message": {"type": "message", "ts": gone, "thread_ts": root, "user": "U1"},
+            },
+        ]
+        for event in events:
+            await harness.slack.send_event(event)
+        await harness.settled()
+        await harness.say("which port?", mention=False, thread_ts=root)
+        await harness.replies_done(4)
+    people = [m["content"] for m in harness.model.requests[-1]["messages"] if m["role"] == "user"]
+    assert people == ["alice: what is the goal?", "alice: use port 7000, ask @bob", "alice: which port?"]
+    key = f"{harness.prefix}{{{TEAM_ID}:C1:{root}}}:turns"
+    stored = [orjson.loads(raw) for raw in await harness.redis.lrange(key, 0, -1)]
+    [edited] = [t for t in stored if t["ts"] == follow]
+    assert edited["tokens"] == counter.message_tokens("user", "alice: use port 7000, ask @bob")
+    assert not any("secret aside" in t["text"] or "6379" in t["text"] for t in stored)

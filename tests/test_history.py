@@ -118,3 +118,24 @@ async def test_the_thread_lock_serialises_holders_and_is_released(
     await asyncio.gather(hold("a"), hold("b"))
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
     assert await redis_client.exists(f"{prefix}{{T9:C9:1700000000.000001}}:lock") == 0
+
+
+async def test_an_edit_rewrites_and_recounts_the_turn_and_resets_a_summary_that_covered_it(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    await history.seed(KEY, [turn(counter, i) for i in range(10)])
+    assert await history.save_summary(KEY, await history.summary(KEY), 6, "turns 1 to 5, summarized")
+
+    assert await history.edit_message(KEY, "8", "turn eight, edited at length")  # after the summary
+    assert (await history.summary(KEY)).text == "turns 1 to 5, summarized"
+    [edited] = [t for t in (await history.recall(KEY, 10**6)).turns if t.ts == "8"]
+    assert edited.text == "turn eight, edited at length"
+    assert edited.tokens == counter.message_tokens("user", "turn eight, edited at length")
+
+    generation = (await history.summary(KEY)).generation
+    assert await history.edit_message(KEY, "3", "turn three, edited")  # one the summary covered
+    summary = await history.summary(KEY)
+    assert (summary.text, summary.until) == ("", 1)
+    assert summary.generation != generation  # a summary being written from the old one is dropped
+    assert not await history.edit_message(KEY, "99", "never stored")
