@@ -59,6 +59,7 @@ from bot.views import (
     FEEDBACK_ACTION,
     FEEDBACK_COMMENT_CALLBACK,
     SHORTCUT_CALLBACK,
+    privacy_summary,
 )
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def bolt_app(services: Services) -> AsyncApp:
         services.counter,
         settings.persona_admin_ids,
         ModelList(lambda: list_models(services.openai)),
+        privacy_summary(settings.history_ttl_seconds),
     )
     _manage_personas(app, commands)
     _report_usage(app, UsageReport(slack.adapter, services.usage, services.feedback, commands))

@@ -111,8 +111,10 @@ class PersonaCommands:
         counter: TokenCounter,
         admins: frozenset[str],
         models: ModelList | None = None,
+        privacy: str = "",
     ) -> None:
         self._slack = slack
+        self._privacy = privacy  # what the bot keeps, for help and App Home
         self._store = store
         self._counter = counter
         self._admins = admins
@@ -190,7 +192,7 @@ class PersonaCommands:
         return "\n".join(map(describe_change, changes)) if changes else "No persona changes here yet."
 
     async def _help(self, call: Invocation, rest: str) -> str:
-        return USAGE
+        return f"{USAGE}\n{self._privacy}" if self._privacy else USAGE
 
     async def _unknown(self, call: Invocation, rest: str) -> str:
         verb = call.text.strip().partition(" ")[0]
@@ -328,7 +330,7 @@ class PersonaCommands:
             (channel, label, (await self._store.assignment(team, channel)).persona)
             for channel, label in conversations
         ]
-        await self._slack.publish_home(user, home_view(rows, await self._store.named(team)))
+        await self._slack.publish_home(user, home_view(rows, await self._store.named(team), self._privacy))
 
 
 def _editor_channel(body: Mapping[str, Any]) -> str:

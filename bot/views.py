@@ -169,11 +169,25 @@ def persona_from_editor(fields: Mapping[str, Any], name: str) -> Persona:
     return Persona(name=name, **{key: persona_value(value) for key, value in fields.items()})
 
 
+def privacy_summary(history_ttl_seconds: int) -> str:
+    """What the bot keeps, in a few lines for App Home and ``/persona help`` (PRIVACY.md in full)."""
+    days = max(1, round(history_ttl_seconds / 86400))
+    return (
+        f"*What I keep*: the messages of threads I take part in, for {days} day{'s' if days != 1 else ''}"
+        " after their last activity, in this workspace's Redis; usage and feedback counts for reports."
+        " Edit or delete a message and my copy changes or goes; delete a thread's first message and I"
+        " forget the thread. Nothing is used to train models, and message text is never logged."
+        " The bot's PRIVACY.md says it all."
+    )
+
+
 def home_view(
-    rows: Sequence[tuple[str, str, Persona]], named: Mapping[str, tuple[Persona, str]]
+    rows: Sequence[tuple[str, str, Persona]],
+    named: Mapping[str, tuple[Persona, str]],
+    privacy: str,
 ) -> dict[str, Any]:
     """The App Home tab: a row per conversation (id, label, persona in force) with its Edit button, then
-    the named personas and where each comes from."""
+    the named personas and where each comes from, then what the bot keeps."""
     blocks: list[dict[str, Any]] = [{"type": "header", "text": {"type": "plain_text", "text": "Personas"}}]
     for channel, label, persona in rows:
         blocks.append(
@@ -190,6 +204,8 @@ def home_view(
         )
     listing = "\n".join(f"• *{name}* ({origin})" for name, (_, origin) in named.items()) or "None yet."
     blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": f"*Named personas*\n{listing}"}})
+    blocks.append({"type": "divider"})
+    blocks.append({"type": "context", "elements": [{"type": "mrkdwn", "text": privacy}]})
     return {"type": "home", "blocks": blocks}
 
 

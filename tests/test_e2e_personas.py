@@ -79,6 +79,13 @@ async def test_show_list_use_reset_and_the_model_follows(harness: Harness, tmp_p
     assert not harness.slack.calls_to("chat.postEphemeral")
 
 
+async def test_help_lists_the_verbs_and_says_what_the_bot_keeps(harness: Harness) -> None:
+    async with harness.running(history_ttl_seconds=7 * 86400):
+        answer = await persona(harness, "help")
+    assert "`/persona edit`" in answer
+    assert "for 7 days after their last activity" in answer and "PRIVACY.md" in answer
+
+
 async def test_the_command_is_acked_without_waiting_for_slack_calls(harness: Harness) -> None:
     harness.slack.members["C1"] = ["U1"]
     harness.slack.delay["conversations.members"] = 1.0  # a slow permission check
@@ -255,6 +262,8 @@ async def test_app_home_shows_personas_and_its_buttons_open_the_editor(
         "#random: *default*",
     ]
     assert "*pirate* (file)" in texts[3]
+    privacy = home["view"]["blocks"][-1]["elements"][0]["text"]
+    assert "*What I keep*" in privacy and "for 30 days after their last activity" in privacy
     assert json.loads(harness.slack.calls_to("views.open")[0].args["view"]["private_metadata"]) == {
         "channel": "C2"
     }
