@@ -390,9 +390,9 @@ class Responder:
         except BotError as exc:
             log.warning("could not record usage in %s: %s", incoming.key, exc)
 
-    async def apologise(self, job: Job, message: str) -> None:
-        """Replace whatever the job's attempts wrote with one short apology (it failed every attempt);
-        a shortcut's user is told privately."""
+    async def notice(self, job: Job, message: str) -> None:
+        """Replace whatever the job's attempts wrote with one short notice instead of an answer (an
+        apology for a job that failed every attempt, a refusal); a shortcut's user is told privately."""
         if isinstance(job.work, Shortcut):
             await self._private_slack.private_reply(job.work.response_url).notice(f":warning: {message}")
             return

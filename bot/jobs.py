@@ -45,6 +45,7 @@ GROUP = "workers"
 DEDUP_SECONDS = 3600
 DEAD_LETTERS_KEPT = 10_000
 SHORTCUT_HELD_SECONDS = 1800  # a shortcut's response URL works for 30 minutes
+REFUSED_SECONDS = 86400  # a conversation where the bot does not answer is told so once a day
 
 # KEYS: the message's marker, the queue, the thread's joined marker. ARGV: marker seconds, joined
 # seconds, 1 when the job is only for a thread the bot joined (a message not addressed to it, a
@@ -252,6 +253,19 @@ class JobQueue:
         """Take no more part in a thread (it was deleted): its follow-ups need a mention again."""
         with redis_errors("leaving a thread"):
             await self._redis.delete(self._joined(key))
+
+    async def first_refusal(self, channel: str) -> bool:
+        """True the first time in a day that the bot refuses to answer in ``channel`` (it says where it
+        can be used then, and keeps quiet after)."""
+        with redis_errors("marking a refusal"):
+            return bool(
+                await self._redis.set(self._key(f"refused:{channel}"), 1, nx=True, ex=REFUSED_SECONDS)
+            )
+
+    async def forget_refusal(self, channel: str) -> None:
+        """The refusal could not be told: the next one is told again."""
+        with redis_errors("unmarking a refusal"):
+            await self._redis.delete(self._key(f"refused:{channel}"))
 
     async def join(self, key: ThreadKey) -> None:
         """Take part in a thread as if asked there: its follow-ups are queued without a mention."""

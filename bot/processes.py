@@ -21,6 +21,7 @@ from contextlib import AsyncExitStack
 from bot.forgetting import Forgetting
 from bot.ingress import SocketModeIngress, bolt_app, serve_http
 from bot.observability import ReadinessCheck, serve_health
+from bot.places import Places
 from bot.services import Services
 from bot.settings import secret_value
 from bot.worker import SHUTDOWN_GRACE_SECONDS, Worker
@@ -38,6 +39,7 @@ def _worker(services: Services) -> Worker:
         services.history,
         Forgetting(services.history, slack.files, services.personas, slack.queue, slack.adapter.readable),
         concurrency=services.settings.worker_concurrency,
+        places=Places(*services.settings.places, services.settings.allow_dms, slack.adapter.channel_name),
     )
 
 

@@ -27,6 +27,7 @@ from bot.params import (
     TopP,
     Vision,
 )
+from bot.places import ChannelSet, channel_list_problems
 
 StreamMode = Literal["auto", "native", "update", "off"]
 # What a process does, which decides the settings it needs: Slack ingress over Socket Mode or HTTP (with
@@ -61,6 +62,9 @@ _HINTS: dict[str, str] = {
     "FILE_TIMEOUT_SECONDS": "a number of seconds above 0",
     "IMAGE_CACHE_SECONDS": "a whole number of seconds, 0 or more (0: fetch images again for every reply)",
     "SUMMARIES": "on or off",
+    "ALLOWED_CHANNELS": "channel ids (C…) or names (#general), comma-separated",
+    "DENIED_CHANNELS": "channel ids (C…) or names (#general), comma-separated",
+    "ALLOW_DMS": "true or false",
     "SUMMARY_MAX_TOKENS": "a whole number of tokens from 50 to 4000",
 } | {param.setting.upper(): param.allowed + _AS_JSON.get(param.widget, "") for param in PARAMS}
 
@@ -91,6 +95,10 @@ class Settings(BaseSettings):
     # Who may change personas: user ids (U...) and/or user group ids (S...), comma-separated.
     # Unset: any member of the channel.
     persona_admins: str = ""
+    # Where the bot answers (bot.places): channel ids or names, comma-separated; unset: everywhere.
+    allowed_channels: str = ""
+    denied_channels: str = ""
+    allow_dms: bool = True
 
     max_prompt_tokens: Annotated[int, Field(ge=256)] = 16000
     # Chat Completions parameters (bot.params: every one, with its range) for every reply; a persona's
@@ -171,6 +179,18 @@ class Settings(BaseSettings):
             if salt
             else hashlib.sha256(b"user ids:" + secret_value(self.slack_bot_token).encode()).digest()
         )
+
+    @property
+    def places(self) -> tuple[ChannelSet, ChannelSet]:
+        """``ALLOWED_CHANNELS`` and ``DENIED_CHANNELS``."""
+        return ChannelSet.parse(self.allowed_channels), ChannelSet.parse(self.denied_channels)
+
+    @field_validator("allowed_channels", "denied_channels")
+    @classmethod
+    def _channels(cls, value: str) -> str:
+        if problems := channel_list_problems(value):
+            raise ValueError("; ".join(problems))
+        return value
 
     @field_validator("slack_api_url")
     @classmethod

@@ -1217,6 +1217,10 @@ class SlackAdapter:
         """True when ``user`` belongs to the user group ``group``."""
         return user in (await _api(self._client, "usergroups_users_list", usergroup=group)).get("users", [])
 
+    async def channel_name(self, channel: str) -> str:
+        """A channel's name (``conversations.info``)."""
+        return str((await _api(self._client, "conversations_info", channel=channel))["channel"]["name"])
+
     async def dm_channel(self, user: str) -> str:
         """The id of the bot's direct messages with ``user``."""
         return str((await _api(self._client, "conversations_open", users=user))["channel"]["id"])

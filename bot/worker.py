@@ -36,6 +36,7 @@ from bot.observability import (
     REPLY_DURATION,
     job_context,
 )
+from bot.places import Places
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,10 @@ class Worker:
         forgetting: Forgetting,
         *,
         concurrency: int,
+        places: Places | None = None,
     ) -> None:
         self._queue = queue
+        self._places = places  # where the bot answers; None: everywhere
         self._responder = responder
         self._history = history
         self._forgetting = forgetting
@@ -141,6 +144,8 @@ class Worker:
             try:
                 if isinstance(job.work, Change):
                     await self._forgetting.carry_out(job.work)
+                elif self._places and (refusal := await self._places.refusal(job.incoming.key.channel)):
+                    await self._refuse(job, refusal)
                 elif isinstance(job.work, Shortcut):
                     await self._responder.respond_to_shortcut(job)
                 else:
@@ -158,6 +163,23 @@ class Worker:
             await self._finish(job)
             REPLY_DURATION.observe(time.monotonic() - started)
             log.info("job done in %.1f ms", (time.monotonic() - started) * 1000)
+
+    async def _refuse(self, job: Job, refusal: str) -> None:
+        """A question where the bot does not answer: it keeps nothing of the thread and tells where it
+        can be used, to a shortcut's user each time, in a conversation once a day (not to every
+        follow-up of a crowd that keeps mentioning it)."""
+        if isinstance(job.work, Shortcut):
+            await self._responder.notice(job, refusal)
+            return
+        key = job.incoming.key
+        await self._queue.leave(key)
+        if not await self._queue.first_refusal(key.channel):
+            return
+        try:
+            await self._responder.notice(job, refusal)
+        except BaseException:
+            await self._queue.forget_refusal(key.channel)  # the retry tells it
+            raise
 
     async def _finish(self, job: Job) -> None:
         self._finishing.add(job.id)
@@ -183,7 +205,7 @@ class Worker:
             if isinstance(job.work, Change):
                 return  # nobody waits for an answer
             try:
-                await self._responder.apologise(job, APOLOGY)
+                await self._responder.notice(job, APOLOGY)
                 await self._history.forget_job(job.work.key, job.id)
             except Exception as exc:  # Slack or Redis may be what keeps failing; the log is all there is
                 log.warning("could not apologise in the thread: %s", type(exc).__name__)

@@ -154,6 +154,7 @@ class FakeSlack:
         self.members: dict[str, list[str]] = {}  # channel -> member ids (conversations.members)
         self._responders: dict[str, str] = {}  # a command's response_url id -> who used the command
         self.usergroups: dict[str, list[str]] = {}  # usergroup id -> member ids
+        self.channel_names: dict[str, str] = {}  # conversations.info: channel id -> name
         self.bot_channels: list[dict[str, Any]] = []  # users.conversations: the channels the bot is in
         self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
         self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
@@ -196,6 +197,7 @@ class FakeSlack:
                 "channels": self.bot_channels,
                 "response_metadata": {"next_cursor": ""},
             },
+            "conversations.info": self._conversation_info,
             "chat.delete": self._delete,
             "files.info": self._files_info,
             "views.open": self._view,
@@ -722,6 +724,12 @@ class FakeSlack:
         messages.sort(key=lambda m: Decimal(m["ts"]), reverse=True)
         limit = min(max(int(args.get("limit") or 100), 1), 1000)
         return {"messages": messages[:limit], "has_more": len(messages) > limit}
+
+    def _conversation_info(self, args: dict[str, Any]) -> dict[str, Any]:
+        channel = str(args.get("channel"))
+        if channel not in self.channel_names:
+            raise SlackError("channel_not_found")
+        return {"channel": {"id": channel, "name": self.channel_names[channel]}}
 
     def _files_info(self, args: dict[str, Any]) -> dict[str, Any]:
         file = self.files.get(str(args.get("file")))

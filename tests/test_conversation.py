@@ -544,7 +544,7 @@ async def test_an_apology_replaces_what_the_jobs_attempts_wrote(pipe: Pipeline) 
     message = incoming("100.1")
     await pipe.history.record_part(message.key, job(message).id, 0, "100.5")
 
-    await pipe.responder.apologise(job(message, attempt=4), "Sorry.")
+    await pipe.responder.notice(job(message, attempt=4), "Sorry.")
 
     [reply] = pipe.slack.replies
     assert reply.log.parts == ("100.5",)
@@ -752,7 +752,7 @@ async def test_a_model_failure_and_a_dead_shortcut_are_told_to_the_asker_alone_w
 ) -> None:
     pipe.model.fail("timeout")
     await pipe.responder.respond_to_shortcut(shortcut(only_me=True))
-    await pipe.responder.apologise(shortcut(only_me=True), "Sorry.")
+    await pipe.responder.notice(shortcut(only_me=True), "Sorry.")
     assert pipe.slack.replies == []
     (url, failed), (_, apology) = pipe.slack.private_replies
     assert url == "https://r/1"

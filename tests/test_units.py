@@ -20,6 +20,7 @@ from bot.domain import Persona, ThreadKey
 from bot.errors import ConfigError
 from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
+from bot.places import ChannelSet
 from bot.settings import Serving, Settings, load_settings
 from bot.slack import parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
@@ -380,6 +381,21 @@ def test_load_settings_reports_every_bad_setting_in_one_error(clean_env: pytest.
     for name in ("MAX_PROMPT_TOKENS", "STREAM_MODE", "REDIS_URL", "SLACK_BOT_TOKEN"):
         assert sum(p.startswith(name) for p in problems) == 1, (name, problems)
     assert all(name in str(raised.value) for name in ("MAX_PROMPT_TOKENS", "STREAM_MODE", "REDIS_URL"))
+
+
+def test_channel_lists_take_ids_and_names_and_name_what_is_neither(clean_env: pytest.MonkeyPatch) -> None:
+    _valid_env(clean_env)
+    clean_env.setenv("ALLOWED_CHANNELS", "C0123ABC, #General,help-desk")
+    allowed, denied = load_settings(env_file=None).places
+    assert allowed == ChannelSet(frozenset({"C0123ABC"}), frozenset({"general", "help-desk"}))
+    assert not denied
+
+    clean_env.setenv("DENIED_CHANNELS", "ok,not a channel!")
+    clean_env.setenv("ALLOW_DMS", "perhaps")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(env_file=None)
+    assert [p.split(":")[0] for p in raised.value.problems] == ["DENIED_CHANNELS", "ALLOW_DMS"]
+    assert "'not a channel!' is neither a channel id (C…) nor a channel name" in raised.value.problems[0]
 
 
 def test_load_settings_builds_settings_from_a_valid_environment(clean_env: pytest.MonkeyPatch) -> None:
