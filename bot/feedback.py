@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from bot.domain import Rated, valid_text
 from bot.errors import BotError
-from bot.redis_client import redis_errors
+from bot.redis_client import glob_escape, keys_matching, redis_errors
 from bot.slack import ButtonClick, SlackAdapter, SlackId, SlackTs, is_slack_id, parse_button_click
 from bot.views import COMMENT_BLOCK, COMMENT_INPUT, COMMENT_MAX_CHARS, feedback_comment_view
 
@@ -133,6 +133,19 @@ class FeedbackStore:
                 pipe.lpush(key, json.dumps(dataclasses.asdict(comment)))
                 pipe.ltrim(key, 0, COMMENTS_KEPT - 1)
                 await pipe.execute()
+
+    async def forget_person(self, team: str, user: str) -> tuple[int, int]:
+        """``/forget me``: who clicked what goes (the day's and month's counts stay, naming nobody), and
+        their comments. How many votes and comments were deleted."""
+        votes = comments = 0
+        with redis_errors("forgetting a person's feedback"):
+            for key in await keys_matching(self._redis, glob_escape(self._key(team, "votes:")) + "*"):
+                votes += await self._redis.hdel(key, user)
+            key = self._key(team, "comments")
+            for raw in await self._redis.lrange(key, 0, -1):
+                if json.loads(raw).get("user") == user:
+                    comments += await self._redis.lrem(key, 0, str(raw))
+        return votes, comments
 
     async def helpfulness(self, team: str, month: str, channel: str | None = None) -> list[Helpfulness]:
         """The month's votes per persona and model (in ``channel`` only, when given), most votes first."""

@@ -53,7 +53,7 @@ class Forgetting:
                 await self._files.forget(key, [deletion.file_id])
             log.info("forgot a deleted file")
         elif deletion.key is not None and deletion.ts == deletion.key.thread_ts:
-            await self._forget_thread(deletion.key)
+            await self.forget_thread(deletion.key)
         elif deletion.key is not None:
             async with self._history.lock(deletion.key):
                 gone = await self._history.forget_message(deletion.key, deletion.ts)
@@ -68,10 +68,11 @@ class Forgetting:
             changed = await self._history.edit_message(edit.key, edit.ts, text)
         log.info("changed an edited message" if changed else "an edited message was not kept")
 
-    async def _forget_thread(self, key: ThreadKey) -> None:
+    async def forget_thread(self, key: ThreadKey) -> None:
+        """Everything of a thread: its turns and memory, pinned persona, images, the bot's part in it."""
         async with self._history.lock(key):
             turns = await self._history.forget_thread(key)
         await self._personas.unpin(key)
         await self._files.forget(key, file_ids(turns))
         await self._queue.leave(key)
-        log.info("forgot a thread whose parent was deleted (%d messages)", len(turns))
+        log.info("forgot a thread (%d messages)", len(turns))

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -36,7 +36,7 @@ from bot.domain import (
     Turn,
 )
 from bot.errors import ThreadBusy
-from bot.redis_client import redis_errors
+from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 log = logging.getLogger(__name__)
 
@@ -282,15 +282,34 @@ class RedisHistory:
 
     async def forget_message(self, key: ThreadKey, ts: str) -> list[Turn]:
         """Delete the turn of the message ``ts`` (deleted in Slack); what was deleted. The caller holds
-        the thread lock. Reads the whole thread: deletions are rare and off the reply path."""
+        the thread lock."""
+        return await self._forget_turns(key, lambda turn: turn.ts == ts)
+
+    async def forget_speaker(self, key: ThreadKey, user: str) -> list[Turn]:
+        """Delete every turn ``user`` wrote in the thread (``/forget me``); what was deleted. The caller
+        holds the thread lock."""
+        return await self._forget_turns(key, lambda turn: turn.role == "user" and turn.speaker_id == user)
+
+    async def _forget_turns(self, key: ThreadKey, which: Callable[[Turn], bool]) -> list[Turn]:
+        # Reads the whole thread: deletions are rare and off the reply path.
         turns_key = self._key(key, "turns")
-        with redis_errors("forgetting a message"):
+        with redis_errors("forgetting messages"):
             raws = await self._redis.lrange(turns_key, 0, -1)
-            gone = [(i, raw, turn) for i, raw in enumerate(raws) if (turn := _decode(raw)).ts == ts]
+            gone = [(i, raw, turn) for i, raw in enumerate(raws) if which(turn := _decode(raw))]
             for _, raw, _ in gone:
                 await self._redis.lrem(turns_key, 0, raw if isinstance(raw, str) else raw.decode())
         await self._summary_changed(key, [i for i, _, _ in gone])
         return [turn for _, _, turn in gone]
+
+    async def threads(self, team: str) -> list[ThreadKey]:
+        """Every thread of the workspace the bot keeps turns of (by SCAN, for erasure)."""
+        keys = await keys_matching(self._redis, f"{glob_escape(self._prefix)}{{{team}:*}}:turns")
+        found = []
+        for key in keys:
+            tag = key[len(self._prefix) :].partition("}")[0].lstrip("{").split(":")
+            if len(tag) == 3:
+                found.append(ThreadKey(*tag))
+        return found
 
     async def edit_message(self, key: ThreadKey, ts: str, text: str) -> bool:
         """Give the stored turn of the message ``ts`` (edited in Slack) its new ``text``, recounted; False
@@ -471,6 +490,11 @@ class RedisHistory:
         with redis_errors("reading a display name"):
             name = await self._redis.hget(f"{self._prefix}user:{team}:{user_id}", "name")
         return name.decode() if isinstance(name, bytes) else name
+
+    async def forget_name(self, team: str, user_id: str) -> bool:
+        """Drop a cached display name; True when there was one."""
+        with redis_errors("forgetting a display name"):
+            return bool(await self._redis.delete(f"{self._prefix}user:{team}:{user_id}"))
 
     async def cache_name(self, team: str, user_id: str, name: str) -> None:
         key = f"{self._prefix}user:{team}:{user_id}"

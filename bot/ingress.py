@@ -33,6 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.assistant import AssistantPane
+from bot.erasure import Erasure, ForgetCommand
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import Feedback
 from bot.jobs import JobQueue
@@ -152,6 +153,20 @@ def bolt_app(services: Services) -> AsyncApp:
     _take_feedback(app, Feedback(services.feedback, slack.adapter))
     _follow_the_assistant_pane(app, slack.pane)
     _offer_shortcuts(app, Shortcuts(slack.queue, slack.adapter))
+    erasure = Erasure(
+        services.redis,
+        settings.redis_prefix,
+        services.history,
+        slack.files,
+        slack.forgetting,
+        services.personas,
+        services.feedback,
+        services.usage,
+        slack.queue,
+    )
+    _erase_on_request(
+        app, erasure, ForgetCommand(erasure, slack.adapter, commands.is_admin), identity.team_id
+    )
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
 
@@ -219,6 +234,21 @@ def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
         lazy=[_after_ack("opening the persona editor", _body_only(commands.open_editor_from_home))],
     )
     app.event("app_home_opened")(ack=home_opened, lazy=[_after_ack("publishing App Home", publish_home)])
+
+
+def _erase_on_request(app: AsyncApp, erasure: Erasure, forget: ForgetCommand, team: str) -> None:
+    """``/forget`` after its ack; the workspace's data deleted before the ack of ``app_uninstalled`` or
+    of ``tokens_revoked`` for the bot token (if Redis fails, Slack sends the event again)."""
+
+    async def uninstalled(body: dict[str, Any]) -> None:
+        event = body.get("event") or {}
+        revoked = event.get("type") != "tokens_revoked" or bool((event.get("tokens") or {}).get("bot"))
+        if body.get("team_id") == team and revoked:
+            await erasure.workspace(team)
+
+    app.command("/forget")(ack=_ack_now, lazy=[_after_ack("/forget", _body_only(forget.command))])
+    app.event("app_uninstalled")(uninstalled)
+    app.event("tokens_revoked")(uninstalled)
 
 
 def _report_usage(app: AsyncApp, report: UsageReport) -> None:

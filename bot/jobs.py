@@ -39,7 +39,7 @@ import redis.asyncio as redis
 from redis.exceptions import ResponseError
 
 from bot.domain import Change, Deletion, Edit, Incoming, Job, Shortcut, SlackFile, ThreadKey
-from bot.redis_client import redis_errors
+from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 GROUP = "workers"
 DEDUP_SECONDS = 3600
@@ -158,6 +158,12 @@ def _decode(job_id: str, fields: Any, attempt: int) -> Job:
             files=tuple(SlackFile(**f) for f in data.get("files", ())),
         )
     return Job(id=str(job_id), work=work, attempt=int(attempt), enqueued_at=float(values["at"]))
+
+
+def _job_user(raw: str | bytes) -> str:
+    """Who asked, in an encoded job ("" for a change: nobody waits for it)."""
+    data = orjson.loads(raw)
+    return str(data["shortcut"]["user_id"] if data.get("kind") == "shortcut" else data.get("user", ""))
 
 
 def _shortcut(data: dict[str, Any]) -> Shortcut:
@@ -342,6 +348,21 @@ class JobQueue:
                 pipe.xack(self.queue_key, GROUP, job.id)
                 pipe.xdel(self.queue_key, job.id)
                 await pipe.execute()
+
+    async def forget_person(self, user: str) -> int:
+        """``/forget me``: the person's dead-lettered jobs and shortcuts waiting for their modal go. How
+        many. (A job still queued is answered, and its turn then goes with the next ``/forget me``.)"""
+        gone = 0
+        with redis_errors("forgetting a person's jobs"):
+            entries: Any = await self._redis.xrange(self.dead_key)
+            mine = [entry_id for entry_id, fields in entries if _job_user(fields.get("job", "")) == user]
+            if mine:
+                gone += await self._redis.xdel(self.dead_key, *mine)
+            for key in await keys_matching(self._redis, glob_escape(self._key("shortcut:")) + "*"):
+                raw = await self._redis.get(key)
+                if raw is not None and _job_user(raw) == user:
+                    gone += await self._redis.delete(key)
+        return gone
 
     async def depth(self) -> tuple[int, int]:
         """(jobs in the stream, of which being worked on): waiting = the first minus the second."""

@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from bot.domain import Persona, ThreadKey, TokenCounter
 from bot.errors import ConfigError
 from bot.params import PARAMS, persona_value
-from bot.redis_client import redis_errors
+from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 DEFAULT_NAME = "default"
 CUSTOM_NAME = "custom"
@@ -279,6 +279,31 @@ class PersonaStore:
         return await self.assign(
             team, channel, None if before == self.default else before, by=by, action="undo"
         )
+
+    async def forget_person(self, team: str, user: str, dm: str) -> tuple[bool, int]:
+        """``/forget me``: the persona of ``user``'s DMs (``dm``) and its history go, and the changes they
+        made elsewhere no longer name them. Whether there was a DM persona, and how many changes were
+        made anonymous."""
+        prefix = glob_escape(self._key(team))
+        anonymised = 0
+        with redis_errors("forgetting a person's personas"):
+            had_dm = bool(await self._redis.delete(self._key(team, "channel", dm)))
+            await self._redis.delete(self._key(team, "audit", dm))
+            for key in await keys_matching(self._redis, f"{prefix}:channel:*"):
+                raw = await self._redis.get(key)
+                if raw is not None and (data := orjson.loads(raw)).get("by") == user:
+                    await self._redis.set(key, orjson.dumps(data | {"by": ""}), xx=True, keepttl=True)
+            for key in await keys_matching(self._redis, f"{prefix}:audit:*"):
+                for index, raw in enumerate(await self._redis.lrange(key, 0, -1)):
+                    if (entry := orjson.loads(raw)).get("by") == user:
+                        await self._redis.lset(key, index, orjson.dumps(entry | {"by": ""}).decode())
+                        anonymised += 1
+        return had_dm, anonymised
+
+    async def forget_channel(self, team: str, channel: str) -> None:
+        """``/forget channel``: the channel's persona set in Slack and its history."""
+        with redis_errors("forgetting a channel's persona"):
+            await self._redis.delete(self._key(team, "channel", channel), self._key(team, "audit", channel))
 
     def _pin(self, key: ThreadKey) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"

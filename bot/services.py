@@ -28,6 +28,7 @@ from bot.domain import ChatModel, FileReader, PaneContext, Persona, ShortcutSlac
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import FeedbackStore
 from bot.files import FileLimits, SlackFiles
+from bot.forgetting import Forgetting
 from bot.history import RedisHistory
 from bot.jobs import JobQueue
 from bot.llm import OpenAIChat, make_client
@@ -129,6 +130,7 @@ class SlackServices:
     queue: JobQueue
     files: SlackFiles
     pane: AssistantPane
+    forgetting: Forgetting
 
 
 @dataclass
@@ -284,7 +286,8 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
                 max_tokens=settings.file_max_tokens,
                 default_prompts=settings.suggested_prompts,
             )
-            services.slack = SlackServices(web, identity, adapter, queue, file_reader, pane)
+            forgetting = Forgetting(services.history, file_reader, services.personas, queue, adapter.readable)
+            services.slack = SlackServices(web, identity, adapter, queue, file_reader, pane, forgetting)
             log.info(
                 "connected: team %s, bot user %s, encoding %s",
                 identity.team_id,

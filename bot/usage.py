@@ -25,7 +25,7 @@ import yaml
 from bot.domain import BudgetCheck, ThreadKey, Usage
 from bot.errors import ConfigError
 from bot.observability import BUDGET_REFUSALS, TOKENS
-from bot.redis_client import redis_errors
+from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 # USD per million input and output tokens; PRICES_FILE adds to or overrides these.
 DEFAULT_PRICES: dict[str, tuple[float, float]] = {
@@ -247,6 +247,21 @@ class RedisUsage:
                     pipe.hincrby(month, f"pending:{prefix}:tokens", -check.reserved)
                     pipe.hincrby(month, f"pending:{prefix}:micro_usd", -check.reserved_micro_usd)
                 await pipe.execute()
+
+    async def forget_person(self, team: str, user: str) -> int:
+        """``/forget me``: a person's own figures go; the workspace's, channels' and models' totals keep
+        what they spent, naming nobody. How many periods held their figures."""
+        mine = (f"u:{user}:", f"pending:u:{user}:")
+        periods = 0
+        with redis_errors("forgetting a person's usage"):
+            for key in await keys_matching(self._redis, glob_escape(self.key(team, "")) + "*"):
+                if await self._redis.type(key) != "hash":
+                    continue
+                fields = [f for f in await self._redis.hkeys(key) if str(f).startswith(mine)]
+                if fields:
+                    await self._redis.hdel(key, *fields)
+                    periods += 1
+        return periods
 
     async def month(self, team: str) -> dict[str, int]:
         """This month's figures for the workspace, by field."""

@@ -52,7 +52,8 @@ def describe_assignment(assignment: Assignment) -> str:
 def describe_change(change: Change) -> str:
     before = change.before.name if change.before else "default"
     after = change.after.name if change.after else "default"
-    return f"{when(change.at)}: <@{change.by}> {change.action}: *{before}* → *{after}*"
+    who = f"<@{change.by}>" if change.by else "someone"
+    return f"{when(change.at)}: {who} {change.action}: *{before}* → *{after}*"
 
 
 def _shown(value: Any) -> str:
