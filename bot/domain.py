@@ -204,7 +204,7 @@ class Edit:
 Change = Deletion | Edit
 
 
-ShortcutKind = Literal["ask", "summarize", "translate"]
+ShortcutKind = Literal["ask", "summarize", "translate", "start_over"]  # the last is no job: erasure.py
 
 
 @dataclass(frozen=True, slots=True)

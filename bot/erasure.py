@@ -33,7 +33,7 @@ from bot.jobs import JobQueue
 from bot.persona_commands import Invocation
 from bot.personas import PersonaStore
 from bot.redis_client import glob_escape, keys_matching, redis_errors
-from bot.slack import SlackAdapter
+from bot.slack import SlackAdapter, parse_message_shortcut
 from bot.usage import RedisUsage
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,15 @@ class Erasure:
         log.info("/forget me: %d messages in %d threads, %d DM threads", messages, threads, dm_threads)
         return erased
 
+    async def start_over(self, key: ThreadKey) -> int:
+        """The thread's earlier messages forgotten (its summary and images too): the next question
+        starts it afresh, and is its first message. How many were forgotten."""
+        async with self._history.lock(key):
+            gone = await self._history.start_over(key)
+        await self._files.forget(key, file_ids(gone))
+        log.info("a thread started over (%d messages forgotten)", len(gone))
+        return len(gone)
+
     async def channel(self, team: str, channel: str) -> int:
         """``/forget channel``: the channel's threads, persona and votes; how many threads went."""
         threads = await self._forget_threads(team, channel)
@@ -199,8 +208,9 @@ class Erasure:
         return deleted
 
 
-class ForgetCommand:
-    """``/forget``: run after its acknowledgement; answers whoever used it."""
+class ForgetRequests:
+    """``/forget`` and the "Start thread over" message shortcut: run after their acknowledgement; they
+    answer whoever used them, through the response URL."""
 
     def __init__(
         self, erasure: Erasure, slack: SlackAdapter, is_admin: Callable[[str], Awaitable[bool]]
@@ -234,3 +244,23 @@ class ForgetCommand:
                 "again in a little while: what is already deleted stays deleted."
             )
         await self._slack.respond(call.response_url, answer)
+
+    async def start_over(self, body: Mapping[str, Any]) -> None:
+        """ "Start thread over", used on any message of a thread."""
+        parsed = parse_message_shortcut(body, "start_over")
+        if parsed is None:
+            return  # malformed: logged by the parser; nobody to answer
+        shortcut = parsed[0]
+        try:
+            forgotten = await self._erasure.start_over(shortcut.key)
+        except BotError as exc:
+            log.warning("starting a thread over failed: %s", exc)
+            answer = "I couldn't start this thread over just now (my memory store failed). Try again shortly."
+        else:
+            answer = (
+                f"I forgot the {forgotten} earlier message{'s' if forgotten != 1 else ''} of this thread I "
+                "kept: I'll answer what comes next afresh. Nothing in Slack was deleted."
+                if forgotten
+                else "I keep nothing of this thread, so there is nothing to forget."
+            )
+        await self._slack.respond(shortcut.response_url, answer)

@@ -366,6 +366,17 @@ class RedisHistory:
         if any(0 < position < until for position in positions):
             await self.reset_summary(key)
 
+    async def start_over(self, key: ThreadKey) -> list[Turn]:
+        """Forget the thread's turns and summary, yet keep knowing the thread (its memory hash stays),
+        so that the next question is not answered from a fresh reading of the thread in Slack; what
+        was forgotten. The caller holds the thread lock."""
+        turns_key = self._key(key, "turns")
+        with redis_errors("starting a thread over"):
+            raws = await self._redis.lrange(turns_key, 0, -1)
+            await self._redis.delete(turns_key)
+        await self.reset_summary(key)
+        return [_decode(raw) for raw in raws]
+
     async def reset_summary(self, key: ThreadKey) -> None:
         """Throw the thread's summary away (a turn it covered changed or went): the next replies build it
         again from the turns that remain. The caller holds the thread lock."""

@@ -33,7 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.assistant import AssistantPane
-from bot.erasure import Erasure, ForgetCommand
+from bot.erasure import Erasure, ForgetRequests
 from bot.errors import HistoryError, SlackError, StartupError
 from bot.feedback import Feedback
 from bot.jobs import JobQueue
@@ -60,6 +60,7 @@ from bot.views import (
     FEEDBACK_ACTION,
     FEEDBACK_COMMENT_CALLBACK,
     SHORTCUT_CALLBACK,
+    START_OVER_SHORTCUT,
     privacy_summary,
 )
 
@@ -165,7 +166,7 @@ def bolt_app(services: Services) -> AsyncApp:
         slack.queue,
     )
     _erase_on_request(
-        app, erasure, ForgetCommand(erasure, slack.adapter, commands.is_admin), identity.team_id
+        app, erasure, ForgetRequests(erasure, slack.adapter, commands.is_admin), identity.team_id
     )
     _acknowledge_the_rest(app)  # last: Bolt tries listeners in the order they were added
     return app
@@ -236,9 +237,10 @@ def _manage_personas(app: AsyncApp, commands: PersonaCommands) -> None:
     app.event("app_home_opened")(ack=home_opened, lazy=[_after_ack("publishing App Home", publish_home)])
 
 
-def _erase_on_request(app: AsyncApp, erasure: Erasure, forget: ForgetCommand, team: str) -> None:
-    """``/forget`` after its ack; the workspace's data deleted before the ack of ``app_uninstalled`` or
-    of ``tokens_revoked`` for the bot token (if Redis fails, Slack sends the event again)."""
+def _erase_on_request(app: AsyncApp, erasure: Erasure, forget: ForgetRequests, team: str) -> None:
+    """``/forget`` and "Start thread over" after their ack; the workspace's data deleted before the ack
+    of ``app_uninstalled`` or of ``tokens_revoked`` for the bot token (if Redis fails, Slack sends the
+    event again)."""
 
     async def uninstalled(body: dict[str, Any]) -> None:
         event = body.get("event") or {}
@@ -247,6 +249,9 @@ def _erase_on_request(app: AsyncApp, erasure: Erasure, forget: ForgetCommand, te
             await erasure.workspace(team)
 
     app.command("/forget")(ack=_ack_now, lazy=[_after_ack("/forget", _body_only(forget.command))])
+    app.message_shortcut(START_OVER_SHORTCUT)(
+        ack=_ack_now, lazy=[_after_ack("starting a thread over", _body_only(forget.start_over))]
+    )
     app.event("app_uninstalled")(uninstalled)
     app.event("tokens_revoked")(uninstalled)
 

@@ -269,6 +269,7 @@ def feedback_comment_view(private_metadata: str) -> dict[str, Any]:
 ASK_SHORTCUT = "ask_about_message"
 SUMMARIZE_SHORTCUT = "summarize_thread"
 TRANSLATE_SHORTCUT = "translate_message"
+START_OVER_SHORTCUT = "start_thread_over"
 SHORTCUT_CALLBACK = "shortcut_request"
 QUESTION_BLOCK = "question"
 QUESTION_INPUT = "text"

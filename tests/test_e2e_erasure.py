@@ -181,3 +181,41 @@ async def test_uninstalling_deletes_the_workspace_and_nothing_else(harness: Harn
     assert [k for k in after if TEAM_ID in k] == [queue]  # the stream stays, empty, for the workers
     assert await harness.redis.xlen(queue) == 0
     assert other in after
+
+
+async def test_start_over_forgets_the_threads_earlier_messages_without_reading_them_again(
+    harness: Harness,
+) -> None:
+    harness.model.default_reply = Reply(text="An answer.")
+    async with harness.running():
+        root = await harness.say("the old topic", user="U1")
+        await finished_answers(harness, 1)
+        follow_up = await harness.say("more on the old topic", user="U2", thread_ts=root, mention=False)
+        await finished_answers(harness, 2)
+        before = len(harness.slack.responses())
+        await harness.slack.use_shortcut("start_thread_over", "C1", follow_up, "U2")
+        await harness.slack.wait_for(lambda: len(harness.slack.responses()) > before, what="the answer")
+        answer = harness.slack.responses()[-1]
+        reads = len(harness.slack.calls_to("conversations.replies"))
+        await harness.say("a new topic", user="U2", thread_ts=root, mention=False)
+        await finished_answers(harness, 3)
+        again = await harness.say("and on", user="U1", thread_ts=root, mention=False)
+        await finished_answers(harness, 4)
+        await harness.slack.use_shortcut("start_thread_over", "C1", again, "U1")
+        await harness.slack.wait_for(lambda: len(harness.slack.responses()) > before + 1, what="again")
+    assert answer == (
+        "I forgot the 4 earlier messages of this thread I kept: I'll answer what comes next afresh. "
+        "Nothing in Slack was deleted."
+    )
+    assert [m["content"] for m in harness.model.requests[2]["messages"]] == [
+        "You are a test bot.",
+        "bob: a new topic",
+    ]
+    assert len(harness.slack.calls_to("conversations.replies")) == reads  # not read from Slack again
+    assert [m["content"] for m in harness.model.requests[3]["messages"]][1:] == [
+        "bob: a new topic",
+        "An answer.",
+        "alice: and on",
+    ]
+    assert harness.slack.responses()[-1].startswith("I forgot the 4 earlier messages")
+    assert harness.slack.thread("C1", root)[0]["text"].endswith("the old topic")  # Slack keeps it all

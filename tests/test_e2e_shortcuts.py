@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from bot.shortcuts import EXPIRED, KINDS, NO_QUESTION
+from bot.views import START_OVER_SHORTCUT
 from tests.conftest import Harness
 from tests.fake_model import Reply
 from tests.fake_slack import TEAM_ID
@@ -223,6 +224,6 @@ def test_the_manifests_declare_every_shortcut_the_bot_answers() -> None:
     for path in ("manifest.yaml", "manifest-http.yaml"):
         manifest = yaml.safe_load(Path(path).read_text())
         shortcuts = manifest["features"]["shortcuts"]
-        assert sorted(s["callback_id"] for s in shortcuts) == sorted(KINDS)
+        assert sorted(s["callback_id"] for s in shortcuts) == sorted([*KINDS, START_OVER_SHORTCUT])
         assert {s["type"] for s in shortcuts} == {"message"}
         assert manifest["settings"]["interactivity"]["is_enabled"] is True
