@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -148,15 +148,20 @@ class RedisHistory:
         ttl_seconds: int = 30 * 24 * 3600,
         max_turns: int = 10000,
         lock_lease_seconds: float = 10.0,
+        retention: Callable[[ThreadKey], Awaitable[int]] | None = None,
     ) -> None:
         self._redis = client
         self._counter = counter
         self._prefix = prefix
         self._ttl = ttl_seconds
+        self._retention = retention  # a channel's own, shorter, lifetime for its threads
         self._max_turns = max_turns
         self._lock_lease = lock_lease_seconds
         self._store_once = client.register_script(_STORE_ONCE)
         self._save_summary = client.register_script(_SAVE_SUMMARY)
+
+    async def _ttl_for(self, key: ThreadKey) -> int:
+        return await self._retention(key) if self._retention is not None else self._ttl
 
     def _key(self, key: ThreadKey, part: str) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
@@ -274,10 +279,11 @@ class RedisHistory:
         turns_key = self._key(key, "turns")
         if len(turns) > self._max_turns:  # the first message and the newest, as the cap keeps them
             turns = [turns[0], *turns[len(turns) - self._max_turns + 1 :]]
+        ttl = await self._ttl_for(key)
         with redis_errors("storing a thread read from Slack"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.rpush(turns_key, *(_encode(t) for t in turns))
-                pipe.expire(turns_key, self._ttl)
+                pipe.expire(turns_key, ttl)
                 await pipe.execute()
 
     async def forget_message(self, key: ThreadKey, ts: str) -> list[Turn]:
@@ -381,12 +387,13 @@ class RedisHistory:
         """Throw the thread's summary away (a turn it covered changed or went): the next replies build it
         again from the turns that remain. The caller holds the thread lock."""
         memory = self._key(key, "memory")
+        ttl = await self._ttl_for(key)
         with redis_errors("resetting a thread's summary"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hdel(memory, "summary", "tokens", "enc")
                 pipe.hset(memory, "through", 1)
                 pipe.hincrby(memory, "gen", 1)
-                pipe.expire(memory, self._ttl)
+                pipe.expire(memory, ttl)
                 await pipe.execute()
 
     async def summary(self, key: ThreadKey) -> StoredSummary:
@@ -427,7 +434,7 @@ class RedisHistory:
             text,
             tokens,
             self._counter.encoding_name,
-            self._ttl,
+            await self._ttl_for(key),
         ]
         with redis_errors("storing a thread's summary"):
             saved = await self._save_summary(
@@ -470,9 +477,10 @@ class RedisHistory:
 
     async def _store(self, key: ThreadKey, job_id: str, field: str, turn: Turn, *, action: str) -> None:
         keys = [self._key(key, "turns"), self._progress_key(key, job_id), self._key(key, "memory")]
+        ttl = await self._ttl_for(key)
         with redis_errors(action):
             await self._store_once(
-                keys=keys, args=[field, self._max_turns, self._ttl, PROGRESS_SECONDS, _encode(turn)]
+                keys=keys, args=[field, self._max_turns, ttl, PROGRESS_SECONDS, _encode(turn)]
             )
 
     async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:

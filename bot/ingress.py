@@ -146,6 +146,7 @@ def bolt_app(services: Services) -> AsyncApp:
         services.personas,
         services.counter,
         settings.persona_admin_ids,
+        services.retention,
         ModelList(lambda: list_models(services.openai)),
         privacy_summary(settings.history_ttl_seconds),
     )

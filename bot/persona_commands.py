@@ -25,6 +25,8 @@ import orjson
 from bot.domain import Persona, TokenCounter
 from bot.errors import BotError
 from bot.personas import ALLOWED, CUSTOM_NAME, NAME_PATTERN, NAME_RULE, PersonaStore, persona_errors
+from bot.retention import MIN_SECONDS as RETENTION_MIN_SECONDS
+from bot.retention import ChannelRetention, describe_duration, parse_duration
 from bot.slack import SlackAdapter, is_slack_id
 from bot.views import (
     describe_assignment,
@@ -44,6 +46,7 @@ USAGE = (
     "• `/persona edit`: edit the prompt and every model parameter\n"
     "• `/persona create NAME [prompt]`, `/persona delete NAME`: manage named personas\n"
     "• `/persona history`, `/persona undo`: the last changes here, and taking the latest back\n"
+    "• `/persona retention [12h | 7d | default]`: how long I keep this channel's threads\n"
     "Start a thread with `persona:NAME` to use another persona in that thread only. "
     "In a DM with me, the same commands set your own persona."
 )
@@ -110,10 +113,12 @@ class PersonaCommands:
         store: PersonaStore,
         counter: TokenCounter,
         admins: frozenset[str],
+        retention: ChannelRetention,
         models: ModelList | None = None,
         privacy: str = "",
     ) -> None:
         self._slack = slack
+        self._retention = retention
         self._privacy = privacy  # what the bot keeps, for help and App Home
         self._store = store
         self._counter = counter
@@ -125,6 +130,7 @@ class PersonaCommands:
             "show": (self._show, False),
             "list": (self._list, False),
             "history": (self._history, False),
+            "retention": (self._retention_verb, False),  # shows; a change checks permission itself
             "help": (self._help, False),
             "?": (self._help, False),
             "use": (self._use, True),
@@ -176,7 +182,31 @@ class PersonaCommands:
     # The verbs: each returns the answer for the person who used it ("" when a change was announced).
 
     async def _show(self, call: Invocation, rest: str) -> str:
-        return describe_assignment(await self._store.assignment(call.team, call.channel))
+        shown = describe_assignment(await self._store.assignment(call.team, call.channel))
+        return f"{shown}\n{await self._kept_for(call)}"
+
+    async def _kept_for(self, call: Invocation) -> str:
+        own = await self._retention.of(call.team, call.channel)
+        seconds = await self._retention.lifetime(call.team, call.channel)
+        whose = "this channel's retention" if own else "the default; `/persona retention` sets a shorter one"
+        return f"Threads here are kept {describe_duration(seconds)} after their last activity ({whose})."
+
+    async def _retention_verb(self, call: Invocation, rest: str) -> str:
+        if not rest:
+            return await self._kept_for(call)
+        reset = rest.lower() in ("default", "reset")
+        seconds = None if reset else parse_duration(rest)
+        longest = self._retention.default_seconds
+        if not reset and (seconds is None or not RETENTION_MIN_SECONDS <= seconds <= longest):
+            return (
+                f"`/persona retention` takes a duration from 1h to {describe_duration(longest)} "
+                "(like `12h` or `7d`), or `default`."
+            )
+        if not await self.may_change(call.channel, call.user):
+            return self._refusal()
+        shortened = await self._retention.set(call.team, call.channel, seconds)
+        kept = await self._kept_for(call)
+        return f"{kept} Existing threads shortened to it: {shortened}." if shortened else kept
 
     async def _list(self, call: Invocation, rest: str) -> str:
         named = await self._store.named(call.team)

@@ -35,6 +35,7 @@ from bot.llm import OpenAIChat, make_client
 from bot.params import PARAMS, persona_value
 from bot.personas import FilePersonas, PersonaStore
 from bot.redis_client import open_redis
+from bot.retention import ChannelRetention
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
 from bot.summaries import Summarizer
@@ -142,6 +143,7 @@ class Services:
     redis_url: str  # REDIS_URL, or where the embedded server listens
     counter: TiktokenCounter
     history: RedisHistory
+    retention: ChannelRetention
     personas: PersonaStore
     usage: RedisUsage
     feedback: FeedbackStore
@@ -208,6 +210,9 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             raise StartupError(f"cannot reach {where} ({exc}): start it, or fix REDIS_URL") from exc
         openai_client = model_client(settings)
         stack.push_async_callback(openai_client.close)
+        retention = ChannelRetention(
+            client, prefix=settings.redis_prefix, default_seconds=settings.history_ttl_seconds
+        )
         history = RedisHistory(
             client,
             counter,
@@ -215,6 +220,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             ttl_seconds=settings.history_ttl_seconds,
             max_turns=settings.history_max_messages,
             lock_lease_seconds=settings.job_lease_seconds,
+            retention=retention.seconds,
         )
         services = Services(
             settings=settings,
@@ -222,6 +228,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             redis_url=settings.redis_url or f"unix://{client.connection_pool.connection_kwargs['path']}",
             counter=counter,
             history=history,
+            retention=retention,
             personas=PersonaStore(
                 client, files, prefix=settings.redis_prefix, thread_ttl_seconds=settings.history_ttl_seconds
             ),

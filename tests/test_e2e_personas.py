@@ -395,3 +395,37 @@ async def test_a_failed_save_from_the_editor_is_told_to_whoever_saved(harness: H
         c.args["text"] for c in harness.slack.calls_to("chat.postMessage") if c.args["channel"] == "U1"
     ]
     assert told.startswith("Your persona was not saved. I can't reach my memory store")
+
+
+async def test_a_channel_retention_shortens_its_threads_old_and_new_and_is_shown(harness: Harness) -> None:
+    harness.slack.members = {"C1": ["U1"]}
+    async with harness.running():
+        old = (await ask(harness, "an old thread"))["ts"]
+        other = (await ask(harness, "another channel's thread", channel="C2"))["ts"]
+        refused = await persona(harness, "retention 2h", user="U2")
+        wrong = await persona(harness, "retention 5 minutes")
+        too_long = await persona(harness, "retention 60d")
+        changed = await persona(harness, "retention 2h")
+        new = (await ask(harness, "a new thread"))["ts"]
+        shown = await persona(harness, "")
+        reset = await persona(harness, "retention default")
+
+    def ttl(channel: str, ts: str) -> Any:
+        return harness.redis.ttl(f"{harness.prefix}{{{TEAM_ID}:{channel}:{ts}}}:turns")
+
+    assert refused.startswith("Sorry, you may not change the persona here")
+    assert (
+        wrong
+        == too_long
+        == ("`/persona retention` takes a duration from 1h to 30 days (like `12h` or `7d`), or `default`.")
+    )
+    assert changed == (
+        "Threads here are kept 2 hours after their last activity (this channel's retention). "
+        "Existing threads shortened to it: 1."
+    )
+    assert 0 < await ttl("C1", old) <= 7200 and 0 < await ttl("C1", new) <= 7200
+    assert await ttl("C2", other) > 29 * 86400
+    assert shown.endswith(
+        "Threads here are kept 2 hours after their last activity (this channel's retention)."
+    )
+    assert reset.startswith("Threads here are kept 30 days after their last activity (the default;")
