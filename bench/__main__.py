@@ -25,7 +25,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from bench import context, files, jobs, live
+from bench import context, files, jobs, live, memory
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 
@@ -39,6 +39,7 @@ SCENARIOS = [
     "5. storage",
     "6. jobs",
     "7. files",
+    "8. long threads",
 ]
 
 
@@ -131,6 +132,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
         lambda: jobs.queue_hop(url, prefix, quick=quick),
         lambda: jobs.scaling(url, prefix, counter, quick=quick, before=before),
         lambda: files.image_cache(url, prefix, quick=quick),
+        lambda: memory.run(url, prefix, counter, quick=quick),
     ]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
