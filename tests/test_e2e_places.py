@@ -83,3 +83,20 @@ async def test_a_channel_whose_name_cannot_be_looked_up_is_tried_again_not_answe
         await harness.settled()
     assert bot_texts(harness, "C1", ts) == ["Answered."]
     assert len(harness.model.requests) == 1
+
+
+async def test_a_shortcut_where_the_bot_does_not_answer_is_refused_to_its_user_each_time(
+    harness: Harness,
+) -> None:
+    ts = harness.slack.next_ts()
+    harness.slack.add_message("C2", ts=ts, user="U2", text="Bonjour tout le monde")
+    async with harness.running(denied_channels="C2"):
+        for _ in range(2):
+            await harness.slack.use_shortcut("translate_message", "C2", ts, "U1")
+        await harness.slack.wait_for(lambda: len(harness.slack.responses()) == 2, what="two refusals")
+        await harness.settled()
+    assert harness.slack.responses() == [
+        ":warning: I'm not used in this channel. Ask me in another channel or a direct message with me."
+    ] * 2
+    assert harness.model.requests == []
+    assert harness.slack.thread("C2", ts) == harness.slack.thread("C2", ts)[:1]  # nothing posted there
