@@ -303,7 +303,8 @@ class PersonaStore:
     async def forget_channel(self, team: str, channel: str) -> None:
         """``/forget channel``: the channel's persona set in Slack and its history."""
         with redis_errors("forgetting a channel's persona"):
-            await self._redis.delete(self._key(team, "channel", channel), self._key(team, "audit", channel))
+            for key in (self._key(team, "channel", channel), self._key(team, "audit", channel)):
+                await self._redis.delete(key)  # one slot each
 
     def _pin(self, key: ThreadKey) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"
