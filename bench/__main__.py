@@ -86,6 +86,12 @@ def report(result: dict[str, Any]) -> str:
                 f" It also ran the bot at `{result['before']}` beside it (`--before {result['before']}`)."
                 if result.get("before")
                 else ""
+            )
+            + (
+                f" The first-mention scenario also ran `{result['first_mention_before']}` "
+                f"(`--first-mention-before {result['first_mention_before']}`)."
+                if result.get("first_mention_before")
+                else ""
             ),
             "",
             f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
@@ -112,7 +118,13 @@ def checkout(rev: str | None) -> Iterator[Path | None]:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], check=True, capture_output=True)
 
 
-async def main(quick: bool, before: Path | None = None, before_rev: str | None = None) -> int:
+async def main(
+    quick: bool,
+    before: Path | None = None,
+    before_rev: str | None = None,
+    mention_before: Path | None = None,
+    mention_before_rev: str | None = None,
+) -> int:
     url = os.environ.get("REDIS_URL")
     embedded = None
     if not url:
@@ -128,7 +140,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
         lambda: live.overhead(url, prefix, counter, quick=quick),
         lambda: live.throughput(url, prefix, quick=quick),
         lambda: live.streaming(url, prefix, quick=quick),
-        lambda: live.first_mention(url, prefix, quick=quick),
+        lambda: live.first_mention(url, prefix, quick=quick, before=mention_before),
         lambda: jobs.queue_hop(url, prefix, quick=quick),
         lambda: jobs.scaling(url, prefix, counter, quick=quick, before=before),
         lambda: files.image_cache(url, prefix, quick=quick),
@@ -150,6 +162,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
     result = {
         "quick": quick,
         "before": before_rev,
+        "first_mention_before": mention_before_rev,
         "seconds": round(time.monotonic() - started, 1),
         "machine": machine(info["redis_version"]),
         "rows": rows,
@@ -173,9 +186,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (what CI does)")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from results.json")
     parser.add_argument("--before", metavar="REV", help="also run this git revision of the bot, to compare")
+    parser.add_argument(
+        "--first-mention-before", metavar="REV", help="also run this revision in the first-mention scenario"
+    )
     args = parser.parse_args()
     if args.report:
         (HERE / "RESULTS.md").write_text(report(json.loads((HERE / "results.json").read_text())))
         sys.exit(0)
-    with checkout(args.before) as before:
-        sys.exit(asyncio.run(main(args.quick, before, args.before)))
+    with checkout(args.before) as before, checkout(args.first_mention_before) as mention_before:
+        code = asyncio.run(main(args.quick, before, args.before, mention_before, args.first_mention_before))
+    sys.exit(code)

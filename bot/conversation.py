@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from bot.domain import (
     REPLY_PRIMING_TOKENS,
+    UNCOUNTED,
     Attachment,
     BudgetCheck,
     ChannelExcerpt,
@@ -647,8 +648,17 @@ class Responder:
                 Attachment(f, f"[file: {f.name}, not read: {TOO_FAR_BACK}]", problem=TOO_FAR_BACK)
                 for f in message.files
             ]
-        return self._turn(
-            message.role, message.text, message.ts, message.speaker_id, message.speaker_name, attachments
+        # Not counted here: of a long thread only the newest turns will fit, and the history counts a
+        # turn when it first needs its cost (so a first mention does not grow with the thread).
+        return Turn(
+            message.role,
+            message.text,
+            0,
+            UNCOUNTED,
+            message.ts,
+            message.speaker_id,
+            message.speaker_name,
+            tuple(attachments),
         )
 
     async def _channel_excerpt(self, incoming: Incoming, text: str) -> ChannelExcerpt | None:

@@ -81,10 +81,13 @@ class Attachment:
     problem: str = ""
 
 
+UNCOUNTED = ""  # a Turn's encoding before its tokens are counted (the history counts it when needed)
+
+
 @dataclass(frozen=True, slots=True)
 class Turn:
-    """One stored message of a thread, with its token cost counted once when it was stored
-    (its text, the text of its files, and its images)."""
+    """One stored message of a thread, with its token cost counted once (its text, the text of its
+    files, and its images): when it was stored, or, for a thread read from Slack, when first needed."""
 
     role: Role
     text: str

@@ -414,6 +414,8 @@ class RedisHistory:
                 )
                 for raw in page:
                     turn = _decode(raw)
+                    if turn.encoding != self._counter.encoding_name:
+                        turn = self._recount(turn)
                     if turns and total + turn.tokens > token_budget:
                         return turns
                     turns.append(turn)

@@ -328,16 +328,19 @@ class FakeSlack:
         self._last_ts_us = max(self._last_ts_us, int(Decimal(ts) * 1_000_000))
 
     def thread(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        return copy.deepcopy(self._thread(channel, thread_ts))
+
+    def _thread(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        """The thread's messages, parent first, as stored (not copied: callers copy what they hand out)."""
         msgs = self._messages.get(channel, {})
         replies = [m for m in msgs.values() if m.get("thread_ts") == thread_ts and m["ts"] != thread_ts]
         replies.sort(key=lambda m: Decimal(m["ts"]))
         parent = msgs.get(thread_ts)
         if parent is None:
-            return copy.deepcopy(replies)
-        head = copy.deepcopy(parent)
+            return replies
         if replies:
-            head.update(thread_ts=thread_ts, reply_count=len(replies))
-        return [head, *copy.deepcopy(replies)]
+            parent = {**parent, "thread_ts": thread_ts, "reply_count": len(replies)}
+        return [parent, *replies]
 
     async def wait_for(
         self,
@@ -692,21 +695,21 @@ class FakeSlack:
         return {"channel": args["channel"], "ts": msg["ts"]}
 
     def _replies(self, args: dict[str, Any]) -> dict[str, Any]:
-        messages = self.thread(str(args.get("channel")), str(args.get("ts")))
+        messages = self._thread(str(args.get("channel")), str(args.get("ts")))
         if not messages:
             raise SlackError("thread_not_found")
         if args.get("oldest"):
             oldest = Decimal(str(args["oldest"]))
             messages = [m for m in messages if Decimal(m["ts"]) > oldest]
-        if str(args.get("include_all_metadata")).lower() not in ("true", "1"):
-            for message in messages:
-                message.pop("metadata", None)
         limit = min(max(int(args.get("limit") or 100), 1), 1000)
         cursor = str(args.get("cursor") or "")
         if cursor and not (cursor.startswith("offset_") and cursor[7:].isdigit()):
             raise SlackError("invalid_cursor")
         start = int(cursor[7:]) if cursor else 0
-        page, more = messages[start : start + limit], start + limit < len(messages)
+        page, more = copy.deepcopy(messages[start : start + limit]), start + limit < len(messages)
+        if str(args.get("include_all_metadata")).lower() not in ("true", "1"):
+            for message in page:
+                message.pop("metadata", None)
         next_cursor = f"offset_{start + limit}" if more else ""
         return {"messages": page, "has_more": more, "response_metadata": {"next_cursor": next_cursor}}
 
