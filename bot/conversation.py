@@ -651,14 +651,14 @@ class Responder:
         # Not counted here: of a long thread only the newest turns will fit, and the history counts a
         # turn when it first needs its cost (so a first mention does not grow with the thread).
         return Turn(
-            message.role,
-            message.text,
-            0,
-            UNCOUNTED,
-            message.ts,
-            message.speaker_id,
-            message.speaker_name,
-            tuple(attachments),
+            role=message.role,
+            text=message.text,
+            tokens=0,
+            encoding=UNCOUNTED,
+            ts=message.ts,
+            speaker_id=message.speaker_id,
+            speaker_name=message.speaker_name,
+            attachments=tuple(attachments),
         )
 
     async def _channel_excerpt(self, incoming: Incoming, text: str) -> ChannelExcerpt | None:

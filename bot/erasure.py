@@ -35,6 +35,7 @@ from bot.personas import PersonaStore
 from bot.redis_client import glob_escape, keys_matching, redis_errors
 from bot.slack import SlackAdapter, parse_message_shortcut
 from bot.usage import RedisUsage
+from bot.views import count
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,6 @@ class PersonErased:
     jobs: int = 0
 
     def describe(self) -> str:
-        def count(n: int, one: str, many: str) -> str:
-            return f"{n} {one if n == 1 else many}"
-
         parts = []
         if self.messages:
             where = count(self.threads, "thread", "threads")
@@ -235,7 +233,7 @@ class ForgetRequests:
             elif verb == "channel":
                 threads = await self._erasure.channel(call.team, call.channel)
                 answer = (
-                    f"Deleted what I kept of this channel: {threads} thread{'s' if threads != 1 else ''}, "
+                    f"Deleted what I kept of this channel: {count(threads, 'thread', 'threads')}, "
                     "its persona and that persona's history, the feedback votes on my answers here. "
                     "What was said in Slack stays there."
                 )
@@ -262,7 +260,7 @@ class ForgetRequests:
             answer = "I couldn't start this thread over just now (my memory store failed). Try again shortly."
         else:
             answer = (
-                f"I forgot the {forgotten} earlier message{'s' if forgotten != 1 else ''} of this thread I "
+                f"I forgot the {count(forgotten, 'earlier message', 'earlier messages')} of this thread I "
                 "kept: I'll answer what comes next afresh. Nothing in Slack was deleted."
                 if forgotten
                 else "I keep nothing of this thread, so there is nothing to forget."

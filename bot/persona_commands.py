@@ -26,11 +26,12 @@ from bot.domain import Persona, TokenCounter
 from bot.errors import BotError
 from bot.personas import ALLOWED, CUSTOM_NAME, NAME_PATTERN, NAME_RULE, PersonaStore, persona_errors
 from bot.retention import MIN_SECONDS as RETENTION_MIN_SECONDS
-from bot.retention import ChannelRetention, describe_duration, parse_duration
+from bot.retention import ChannelRetention, parse_duration
 from bot.slack import SlackAdapter, is_slack_id
 from bot.views import (
     describe_assignment,
     describe_change,
+    describe_duration,
     editor_view,
     home_view,
     parse_editor,

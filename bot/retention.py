@@ -31,11 +31,6 @@ def parse_duration(text: str) -> int | None:
     return int(match.group(1)) * _UNITS[match.group(2)] if match else None
 
 
-def describe_duration(seconds: int) -> str:
-    count, unit = (seconds // 86400, "day") if seconds % 86400 == 0 else (seconds // 3600, "hour")
-    return f"{count} {unit}{'s' if count != 1 else ''}"
-
-
 class ChannelRetention:
     """The retention of each channel (None: ``HISTORY_TTL_SECONDS``)."""
 

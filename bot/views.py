@@ -25,6 +25,18 @@ PROMPT_LABEL = "System prompt"
 MENU_LIMIT = 100  # Slack shows at most 100 options in a menu
 
 
+def count(n: int, one: str, many: str) -> str:
+    """``n`` things in words: "1 thread", "3 threads"."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def describe_duration(seconds: int) -> str:
+    """Whole days, else hours: "30 days", "12 hours"."""
+    if seconds % 86400 == 0:
+        return count(seconds // 86400, "day", "days")
+    return count(seconds // 3600, "hour", "hours")
+
+
 def when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -172,9 +184,8 @@ def persona_from_editor(fields: Mapping[str, Any], name: str) -> Persona:
 
 def privacy_summary(history_ttl_seconds: int) -> str:
     """What the bot keeps, in a few lines for App Home and ``/persona help`` (PRIVACY.md in full)."""
-    days = max(1, round(history_ttl_seconds / 86400))
     return (
-        f"*What I keep*: the messages of threads I take part in, for {days} day{'s' if days != 1 else ''}"
+        f"*What I keep*: the messages of threads I take part in, for {describe_duration(history_ttl_seconds)}"
         " after their last activity, in this workspace's Redis; usage and feedback counts for reports."
         " Edit or delete a message and my copy changes or goes; delete a thread's first message and I"
         " forget the thread. Nothing is used to train models, and message text is never logged."
