@@ -37,7 +37,7 @@ from bot.personas import FilePersonas, PersonaStore
 from bot.redis_client import open_redis
 from bot.retention import ChannelRetention
 from bot.settings import Settings, secret_value
-from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, web_client
+from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, http_session, web_client
 from bot.summaries import Summarizer
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
 from bot.usage import Budgets, RedisUsage, load_prices
@@ -247,8 +247,7 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             slack=None,
         )
         if slack:
-            # One HTTP session for every Slack call; without it slack_sdk opens a new connection per call.
-            session = await stack.enter_async_context(aiohttp.ClientSession())
+            session = await stack.enter_async_context(http_session())
             web = slack_client(settings, session)
             identity = await _identity(settings, web)
             adapter = SlackAdapter(

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import html
 import logging
+import os
 import re
 import time
 import uuid
@@ -1326,11 +1327,25 @@ _RETRIES: list[AsyncRetryHandler] = [
 ]
 
 
+def http_session() -> aiohttp.ClientSession:
+    """The HTTP session every Slack call shares (without one, slack_sdk opens a connection per call).
+    Slack's API sets no cookie the bot needs, so none is kept: the cookie jar costs CPU on every call."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+
+
 def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:
     """A Web API client whose calls survive rate limits (honouring ``Retry-After``), and 5xx and
     connection errors when repeating the call is safe; one shared HTTP ``session`` when given."""
+    # slack_sdk formats a debug line of every request and response whenever its logger's own level is
+    # unset (it tests ``logger.level``, not whether debug is on): give it the level it has in effect.
+    sdk_log = logging.getLogger("slack_sdk.web.async_client")
+    if sdk_log.level == logging.NOTSET:
+        sdk_log.setLevel(sdk_log.getEffectiveLevel())
+    # Its check for deprecated methods runs on every call; the bot calls none (the tests' fake Slack
+    # knows only current methods), and this variable is slack_sdk's own switch to skip the check.
+    os.environ.setdefault("SLACKCLIENT_SKIP_DEPRECATION", "1")
     return _CountingWebClient(
-        token=token or None, base_url=base_url, session=session, retry_handlers=_RETRIES
+        token=token or None, base_url=base_url, session=session, retry_handlers=_RETRIES, logger=sdk_log
     )
 
 

@@ -192,7 +192,9 @@ class FakeModel:
                     self.first_content_at[number] = time.monotonic()
                 await send(chunk({"content": delta}))
             if broken:
-                # Close the socket mid-body: the client sees an incomplete chunked response.
+                # Close the socket mid-body, a moment after the last chunk (a connection drops some time
+                # after what it delivered was read): the client sees an incomplete chunked response.
+                await asyncio.sleep(max(reply.chunk_delay, 0.05))
                 if request.transport is not None:
                     request.transport.close()
                 return response
