@@ -3,7 +3,8 @@
 A full run writes ``bench/results.json`` and ``bench/RESULTS.md`` (with the machine it ran on); a quick
 run (about a minute, what CI does) writes ``bench/results-quick.json`` and fails if any scenario
 produced no figures. Redis is the machine's when ``REDIS_URL`` is set, else an embedded one.
-``--before REV`` also runs that git revision of the bot in the jobs scenario, side by side.
+``--before REV`` also runs that git revision of the bot, side by side, in the scenarios that compare
+(first mentions, jobs, load).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from bench import context, files, jobs, live, memory
+from bench import context, files, jobs, live, load, memory
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 
@@ -40,6 +41,7 @@ SCENARIOS = [
     "6. jobs",
     "7. files",
     "8. long threads",
+    "9. load",
 ]
 
 
@@ -86,12 +88,6 @@ def report(result: dict[str, Any]) -> str:
                 f" It also ran the bot at `{result['before']}` beside it (`--before {result['before']}`)."
                 if result.get("before")
                 else ""
-            )
-            + (
-                f" The first-mention scenario also ran `{result['first_mention_before']}` "
-                f"(`--first-mention-before {result['first_mention_before']}`)."
-                if result.get("first_mention_before")
-                else ""
             ),
             "",
             f"Goals met: {len(goals) - len(missed)} of {len(goals)}"
@@ -118,13 +114,7 @@ def checkout(rev: str | None) -> Iterator[Path | None]:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], check=True, capture_output=True)
 
 
-async def main(
-    quick: bool,
-    before: Path | None = None,
-    before_rev: str | None = None,
-    mention_before: Path | None = None,
-    mention_before_rev: str | None = None,
-) -> int:
+async def main(quick: bool, before: Path | None = None, before_rev: str | None = None) -> int:
     url = os.environ.get("REDIS_URL")
     embedded = None
     if not url:
@@ -140,11 +130,12 @@ async def main(
         lambda: live.overhead(url, prefix, counter, quick=quick),
         lambda: live.throughput(url, prefix, quick=quick),
         lambda: live.streaming(url, prefix, quick=quick),
-        lambda: live.first_mention(url, prefix, quick=quick, before=mention_before),
+        lambda: live.first_mention(url, prefix, quick=quick, before=before),
         lambda: jobs.queue_hop(url, prefix, quick=quick),
         lambda: jobs.scaling(url, prefix, counter, quick=quick, before=before),
         lambda: files.image_cache(url, prefix, quick=quick),
         lambda: memory.run(url, prefix, counter, quick=quick),
+        lambda: load.run(url, prefix, quick=quick, before=before),
     ]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -162,7 +153,6 @@ async def main(
     result = {
         "quick": quick,
         "before": before_rev,
-        "first_mention_before": mention_before_rev,
         "seconds": round(time.monotonic() - started, 1),
         "machine": machine(info["redis_version"]),
         "rows": rows,
@@ -186,13 +176,10 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute (what CI does)")
     parser.add_argument("--report", action="store_true", help="only re-render RESULTS.md from results.json")
     parser.add_argument("--before", metavar="REV", help="also run this git revision of the bot, to compare")
-    parser.add_argument(
-        "--first-mention-before", metavar="REV", help="also run this revision in the first-mention scenario"
-    )
     args = parser.parse_args()
     if args.report:
         (HERE / "RESULTS.md").write_text(report(json.loads((HERE / "results.json").read_text())))
         sys.exit(0)
-    with checkout(args.before) as before, checkout(args.first_mention_before) as mention_before:
-        code = asyncio.run(main(args.quick, before, args.before, mention_before, args.first_mention_before))
+    with checkout(args.before) as before:
+        code = asyncio.run(main(args.quick, before, args.before))
     sys.exit(code)

@@ -186,17 +186,16 @@ class LiveBot:
         return threads
 
 
-def _overhead_row(kind: str, concurrency: int, samples: list[float], goal_applies: bool) -> dict[str, Any]:
-    p50, p99 = percentile(samples, 0.5), percentile(samples, 0.99)
+def _overhead_row(kind: str, concurrency: int, samples: list[float]) -> dict[str, Any]:
     return {
         "scenario": "2. overhead per reply",
         "case": f"{concurrency} concurrent threads, {kind}",
         "samples": len(samples),
-        "p50_ms": round(p50 * 1000, 2),
+        "p50_ms": round(percentile(samples, 0.5) * 1000, 2),
         "p95_ms": round(percentile(samples, 0.95) * 1000, 2),
-        "p99_ms": round(p99 * 1000, 2),
-        "goal": "p50 <= 5 ms, p99 <= 30 ms at 100 concurrent threads",
-        "met": (p50 <= 0.005 and p99 <= 0.030) if goal_applies else None,
+        "p99_ms": round(percentile(samples, 0.99) * 1000, 2),
+        "goal": "reported (the goal is on the worker processes, scenario 6)",
+        "met": None,
     }
 
 
@@ -262,7 +261,7 @@ async def overhead(
         for concurrency in [1, 10] if quick else [1, 10, 100]:
             turns = 3 if quick else {1: 60, 10: 20, 100: 6}[concurrency]
             samples = await conversations.steady(counter, "CS", concurrency, turns, steady)
-            rows.append(_overhead_row("steady, 1 s model", concurrency, samples, concurrency == 100))
+            rows.append(_overhead_row("steady, 1 s model", concurrency, samples))
 
         burst = 0.05
         bot.model.default_reply = Reply(text=answer(random.Random(5)), chunk_size=40, first_token_delay=burst)
@@ -276,7 +275,7 @@ async def overhead(
                 )
                 if round_number:  # round 0 warms up
                     samples += results
-            rows.append(_overhead_row("all at once, 50 ms model", concurrency, samples, False))
+            rows.append(_overhead_row("all at once, 50 ms model", concurrency, samples))
     return rows
 
 

@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
+import orjson
 from markdown_it import MarkdownIt
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from slack_sdk.errors import SlackApiError
@@ -595,6 +596,24 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Slack answered no (not: it failed, was unreachable or rate-limited): asking again gets a no."""
+    if not isinstance(exc, SlackApiError):
+        return False
+    status = int(getattr(exc.response, "status_code", 200) or 200)
+    return status < 500 and status != 429 and exc.response.get("error") != "ratelimited"
+
+
+@dataclass
+class ChannelRefusals:
+    """Channels where Slack refused something the bot tries on every reply, so that later replies there
+    skip the call: native streaming (they post and update instead) and the thinking status. Kept per
+    process: a restart, or another worker, asks once again."""
+
+    streaming: set[str] = dataclasses.field(default_factory=set)
+    status: set[str] = dataclasses.field(default_factory=set)
+
+
 def _slack_error(method: str, exc: Exception) -> SlackError:
     if isinstance(exc, SlackApiError):
         status = int(getattr(exc.response, "status_code", 200) or 200)
@@ -636,7 +655,7 @@ class SlackReplyStream:
         client: AsyncWebClient,
         incoming: Incoming,
         mode: StreamMode,
-        on_native_refused: Callable[[str], None],
+        refusals: ChannelRefusals,
         log: ReplyLog,
         flush_interval: float = FLUSH_INTERVAL_SECONDS,
         answer_blocks: AnswerBlocks | None = None,
@@ -648,7 +667,7 @@ class SlackReplyStream:
         self._thread_ts = incoming.key.thread_ts
         self._mode: StreamMode = "native" if mode == "auto" else mode  # how new messages are written
         self._fallback = mode == "auto"
-        self._on_native_refused = on_native_refused
+        self._refusals = refusals
         self._log = log
         self._flush_interval = flush_interval
         self._part = 0  # the current message's place among the job's messages
@@ -675,6 +694,8 @@ class SlackReplyStream:
                 )
             except _FAILURES as exc:
                 log.debug("no thread title here: %s", type(exc).__name__)
+        if self._channel in self._refusals.status:
+            return
         try:
             await self._client.assistant_threads_setStatus(
                 channel_id=self._channel,
@@ -684,6 +705,8 @@ class SlackReplyStream:
             )
         except _FAILURES as exc:
             log.debug("no thinking status here: %s", type(exc).__name__)
+            if _refused(exc):
+                self._refusals.status.add(self._channel)
 
     async def append(self, text: str) -> None:
         await self._add(self._guard.feed(text))
@@ -803,7 +826,7 @@ class SlackReplyStream:
                 log.info(
                     "native streaming refused (%s); posting and updating instead", exc.response.get("error")
                 )
-                self._on_native_refused(self._channel)
+                self._refusals.streaming.add(self._channel)
                 self._mode = "update"
         try:
             return await self._create_once(
@@ -971,7 +994,7 @@ class SlackAdapter:
         self._stream_mode = stream_mode
         self._answer_blocks = answer_blocks
         # Channels where Slack refused native streaming: later replies there go straight to post+update.
-        self._native_refused: set[str] = set()
+        self._refusals = ChannelRefusals()
 
     async def display_name(self, team: str, user_id: str) -> str:
         cached = await self._names.cached_name(team, user_id)
@@ -1108,10 +1131,10 @@ class SlackAdapter:
 
     def reply_stream(self, incoming: Incoming, log: ReplyLog) -> SlackReplyStream:
         mode = self._stream_mode
-        if mode == "auto" and incoming.key.channel in self._native_refused:
+        if mode == "auto" and incoming.key.channel in self._refusals.streaming:
             mode = "update"
         return SlackReplyStream(
-            self._client, incoming, mode, self._native_refused.add, log, answer_blocks=self._answer_blocks
+            self._client, incoming, mode, self._refusals, log, answer_blocks=self._answer_blocks
         )
 
     def private_reply(self, response_url: str) -> PrivateReply:
@@ -1329,8 +1352,9 @@ _RETRIES: list[AsyncRetryHandler] = [
 
 def http_session() -> aiohttp.ClientSession:
     """The HTTP session every Slack call shares (without one, slack_sdk opens a connection per call).
-    Slack's API sets no cookie the bot needs, so none is kept: the cookie jar costs CPU on every call."""
-    return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    Slack's API sets no cookie the bot needs, so none is kept (the jar costs CPU on every call), and
+    request bodies are encoded by orjson."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), json_serialize_bytes=orjson.dumps)
 
 
 def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None = None) -> AsyncWebClient:

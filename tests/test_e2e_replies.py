@@ -153,6 +153,25 @@ async def test_native_streaming_refused_falls_back_to_post_and_update(harness: H
     assert 1 <= len(first_updates) <= 4
 
 
+async def test_a_thinking_status_slack_refused_is_not_asked_again_in_that_channel(harness: Harness) -> None:
+    harness.slack.fail["assistant.threads.setStatus"] = "channel_type_not_supported"
+    async with harness.running():
+        ts = await harness.say("first")
+        await harness.replies_done(1)
+        await harness.say("second", thread_ts=ts)
+        await harness.replies_done(2)
+        del harness.slack.fail["assistant.threads.setStatus"]
+        harness.slack.fail_http("assistant.threads.setStatus", 500, times=10)
+        other = await harness.say("elsewhere", channel="C2")
+        await harness.replies_done(3)
+        await harness.say("and again", channel="C2", thread_ts=other)
+        await harness.replies_done(4)
+    statuses = [c.args["channel_id"] for c in harness.slack.calls_to("assistant.threads.setStatus")]
+    # Refused once in C1: asked once. Failing (a 500, retried) in C2 is no refusal: asked each time.
+    assert statuses.count("C1") == 1 and statuses.count("C2") >= 2
+    assert len(bot_texts(harness, "C1", ts)) == 2 and len(bot_texts(harness, "C2", other)) == 2
+
+
 async def test_persona_per_channel_sends_only_the_parameters_it_sets(
     harness: Harness, tmp_path: Path
 ) -> None:
