@@ -81,6 +81,15 @@ redis.call('HSET', KEYS[1], 'noted', 1)
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 1
 """
+# Token counts worked out while reading a thread, kept for the next read: each turn is set only if it is
+# still the one read (ARGV: position, the turn as read, the turn counted; repeated).
+_KEEP_COUNTS = """
+for i = 1, #ARGV, 3 do
+  if redis.call('LINDEX', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('LSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  end
+end
+"""
 SUMMARIZING_SECONDS = 300  # one thread's summary is written by one worker at a time
 
 
@@ -159,6 +168,8 @@ class RedisHistory:
         self._lock_lease = lock_lease_seconds
         self._store_once = client.register_script(_STORE_ONCE)
         self._save_summary = client.register_script(_SAVE_SUMMARY)
+        self._keep_counts_script = client.register_script(_KEEP_COUNTS)
+        self._counts_to_keep: set[asyncio.Task[None]] = set()
 
     async def _ttl_for(self, key: ThreadKey) -> int:
         return await self._retention(key) if self._retention is not None else self._ttl
@@ -218,7 +229,7 @@ class RedisHistory:
             floor = max(summary.until, 1)  # positions below are the first message and the summary's
             turns: list[Turn] = []
             positions: list[int] = []
-            recounted: dict[int, Turn] = {}
+            recounted: dict[int, tuple[str, Turn]] = {}  # position -> the turn as read, counted
             total, newest, size = 0, length - 1, PAGE_SIZE
             while newest >= floor:
                 for offset, raw in enumerate(reversed(page)):
@@ -227,7 +238,8 @@ class RedisHistory:
                         break
                     turn = _decode(raw)
                     if turn.encoding != self._counter.encoding_name:
-                        turn = recounted[position] = self._recount(turn)
+                        turn = self._recount(turn)
+                        recounted[position] = (raw, turn)
                     if turn.ts and turn.ts == without_ts:
                         continue
                     turns.append(turn)
@@ -240,11 +252,15 @@ class RedisHistory:
                 page = await self._redis.lrange(turns_key, max(newest - size + 1, floor), newest)
             first = _decode(first_raw) if first_raw is not None else None
             if first is not None and first.encoding != self._counter.encoding_name:
-                first = recounted[0] = self._recount(first)
+                first = self._recount(first)
+                recounted[0] = (first_raw, first)
             if first is not None and without_ts and first.ts == without_ts:
                 first = None  # the question itself: the context carries it last
-            if recounted:
-                await self._rewrite(key, recounted)
+        if recounted:
+            # Written while the reply goes on (the answer never waits for it); safe without the lock.
+            task = asyncio.create_task(self._keep_counts(turns_key, recounted))
+            self._counts_to_keep.add(task)
+            task.add_done_callback(self._counts_to_keep.discard)
         return Recall(
             tuple(turns),
             tuple(positions),
@@ -265,6 +281,13 @@ class RedisHistory:
     def _recount(self, turn: Turn) -> Turn:
         tokens = self._counter.message_tokens(turn.role, turn.content) + turn.picture_tokens
         return replace(turn, tokens=tokens, encoding=self._counter.encoding_name)
+
+    async def _keep_counts(self, turns_key: str, recounted: dict[int, tuple[str, Turn]]) -> None:
+        args = [part for at, (raw, turn) in recounted.items() for part in (at, raw, _encode(turn))]
+        try:
+            await self._keep_counts_script(keys=[turns_key], args=args)
+        except RedisError as exc:  # only a saving: the next read counts them again
+            log.info("could not keep token counts: %s", type(exc).__name__)
 
     async def _rewrite(self, key: ThreadKey, turns: dict[int, Turn]) -> None:
         # Callers hold the thread lock, so the positions still point at the same turns.

@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Annotated, Any, Literal, Protocol
 from urllib.parse import urljoin, urlsplit
 
@@ -576,6 +577,10 @@ def _offset(line_starts: list[int], line: int) -> int:
 
 
 REPLY_EVENT = "sgb_reply"
+REPLIES_PAGE = 200  # messages per conversations.replies page (Slack's advice: at most 200)
+# A thread the bot never saw is read whole up to this many replies past its first page; beyond, only the
+# first page and the newest this many (no context holds more).
+NEWEST_READ = 1000
 # A reply's messages carry Slack message metadata naming their job, their place in the reply and how
 # far it got: "writing" while it streams, "more" for a finished message the answer continues after,
 # "done" for its last, "failed" when it ended with an error, "notice" for a hint, refusal or apology.
@@ -594,6 +599,15 @@ def _transient(exc: BaseException) -> bool:
     if isinstance(exc, SlackApiError):
         return int(getattr(exc.response, "status_code", 200) or 200) >= 500
     return isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError)
+
+
+def _whole_number(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _ts_value(value: Any) -> Decimal:
+    """A Slack ts as a number (0 for anything else)."""
+    return Decimal(value) if isinstance(value, str) and re.match(_SLACK_TS, value) else Decimal(0)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -1026,19 +1040,13 @@ class SlackAdapter:
         """What was said in a thread: people's and other bots' messages, and the bot's own finished
         answers (one message per answer, however many Slack messages it took); never a partial answer,
         an error or a notice of the bot's."""
-        raws: list[dict[str, Any]] = []
-        cursor: str | None = None
-        while True:
-            try:
-                page = await self._client.conversations_replies(
-                    channel=key.channel, ts=key.thread_ts, limit=200, cursor=cursor, include_all_metadata=True
-                )
-            except _FAILURES as exc:
-                raise _slack_error("conversations_replies", exc) from exc
-            raws += [r for r in page.get("messages") or [] if r.get("subtype") in _READABLE_SUBTYPES]
-            cursor = (page.get("response_metadata") or {}).get("next_cursor")
-            if not page.get("has_more") or not cursor:
-                break
+        raws, cursor = await self._replies(key, pages=1)
+        parent = raws[0] if raws and raws[0].get("ts") == key.thread_ts else {}
+        replies = _whole_number(parent.get("reply_count"))
+        if cursor and replies > len(raws) + NEWEST_READ:
+            raws += await self._newest_replies(key, raws, replies)
+        elif cursor:
+            raws += (await self._replies(key, cursor=cursor))[0]
         answered = {
             payload.get("job") for payload in map(self._reply_payload, raws) if payload.get("state") == "done"
         }
@@ -1061,6 +1069,64 @@ class SlackAdapter:
             messages.append(message)
             previous_job = job
         return messages
+
+    async def _replies(
+        self, key: ThreadKey, *, after: str = "", cursor: str | None = None, pages: int | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The thread's readable messages after the ts ``after`` (from the start when empty) or from
+        ``cursor``, oldest first, over at most ``pages`` pages; and the cursor of the rest (None: no more)."""
+        raws: list[dict[str, Any]] = []
+        read = 0
+        while pages is None or read < pages:
+            try:
+                page = await self._client.conversations_replies(
+                    channel=key.channel,
+                    ts=key.thread_ts,
+                    limit=REPLIES_PAGE,
+                    cursor=cursor,
+                    oldest=after or None,
+                    include_all_metadata=True,
+                )
+            except _FAILURES as exc:
+                raise _slack_error("conversations_replies", exc) from exc
+            read += 1
+            for raw in page.get("messages") or []:
+                if raw.get("subtype") not in _READABLE_SUBTYPES:
+                    continue
+                if after and raw.get("ts") == key.thread_ts:
+                    continue  # Slack may send the parent with any window: it is kept from the first page
+                raws.append(raw)
+            cursor = (page.get("response_metadata") or {}).get("next_cursor")
+            if not page.get("has_more") or not cursor:
+                return raws, None
+        return raws, cursor
+
+    async def _newest_replies(
+        self, key: ThreadKey, first_page: list[dict[str, Any]], replies: int
+    ) -> list[dict[str, Any]]:
+        """At least the newest ``NEWEST_READ`` replies of a long thread whose first page was read, the ones
+        in between left unread: a context never holds thousands of messages, and reading them all would
+        make the first answer in such a thread wait for every page. Slack reads a thread oldest first, so
+        the window is guessed from the times of the replies (as if they came at an even pace), and
+        widened until it holds enough."""
+        first_end = _ts_value(first_page[-1].get("ts"))
+        latest = _ts_value(first_page[0].get("latest_reply"))
+        # A quarter more than the even pace needs, so that one window is mostly enough.
+        share = min(
+            Decimal(1), Decimal(NEWEST_READ) / Decimal(max(1, replies - len(first_page))) * Decimal("1.25")
+        )
+        while True:
+            oldest = max(first_end, latest - (latest - first_end) * share)
+            window, _ = await self._replies(key, after=f"{oldest:.6f}")
+            if len(window) >= NEWEST_READ or oldest <= first_end or latest <= first_end:
+                log.info(
+                    "a thread of %d replies: read the first %d and the newest %d",
+                    replies,
+                    len(first_page),
+                    len(window),
+                )
+                return window
+            share = min(Decimal(1), share * 4)
 
     def _is_mine(self, raw: Mapping[str, Any]) -> bool:
         return raw.get("user") == self.bot_user_id or raw.get("bot_id") == self.bot_id

@@ -16,6 +16,7 @@ patched or mocked.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import copy
 import json
 import time
@@ -157,6 +158,9 @@ class FakeSlack:
         self.channel_names: dict[str, str] = {}  # conversations.info: channel id -> name
         self.bot_channels: list[dict[str, Any]] = []  # users.conversations: the channels the bot is in
         self._messages: dict[str, dict[str, dict[str, Any]]] = {}  # channel -> ts -> message
+        # (channel, thread ts) -> its replies' (ts as a number, ts), sorted: built when read, dropped when
+        # the channel gains or loses a message, so a page costs the same however long the thread.
+        self._reply_order: dict[tuple[str, str], list[tuple[Decimal, str]]] = {}
         self._streaming: dict[tuple[str, str], bool] = {}  # (channel, ts) -> still streaming?
         self._last_ts_us = 1_700_000_000_000_000
         self._sent: dict[str, float] = {}  # envelope_id -> monotonic send time
@@ -325,21 +329,46 @@ class FakeSlack:
             if user is None:
                 msg["subtype"] = "bot_message"
         self._messages.setdefault(channel, {})[ts] = msg
+        self._changed(channel)
         self._last_ts_us = max(self._last_ts_us, int(Decimal(ts) * 1_000_000))
 
     def thread(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
         return copy.deepcopy(self._thread(channel, thread_ts))
 
-    def _thread(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
-        """The thread's messages, parent first, as stored (not copied: callers copy what they hand out)."""
+    def _changed(self, channel: str) -> None:
+        for key in [key for key in self._reply_order if key[0] == channel]:
+            del self._reply_order[key]
+
+    def _ordered_replies(self, channel: str, thread_ts: str) -> list[tuple[Decimal, str]]:
+        key = (channel, thread_ts)
+        if key not in self._reply_order:
+            msgs = self._messages.get(channel, {}).values()
+            self._reply_order[key] = sorted(
+                (Decimal(m["ts"]), m["ts"])
+                for m in msgs
+                if m.get("thread_ts") == thread_ts and m["ts"] != thread_ts
+            )
+        return self._reply_order[key]
+
+    def _thread(self, channel: str, thread_ts: str, oldest: Decimal | None = None) -> list[dict[str, Any]]:
+        """The thread's messages, parent first, as stored (not copied: callers copy what they hand out);
+        only those after ``oldest`` when given."""
         msgs = self._messages.get(channel, {})
-        replies = [m for m in msgs.values() if m.get("thread_ts") == thread_ts and m["ts"] != thread_ts]
-        replies.sort(key=lambda m: Decimal(m["ts"]))
+        order = self._ordered_replies(channel, thread_ts)
+        start = 0 if oldest is None else bisect.bisect_right(order, (oldest, "\uffff"))
+        replies = [msgs[ts] for _, ts in order[start:]]
         parent = msgs.get(thread_ts)
+        if oldest is not None and parent is not None and Decimal(thread_ts) <= oldest:
+            parent = None
         if parent is None:
             return replies
-        if replies:
-            parent = {**parent, "thread_ts": thread_ts, "reply_count": len(replies)}
+        if order:
+            parent = {
+                **parent,
+                "thread_ts": thread_ts,
+                "reply_count": len(order),
+                "latest_reply": order[-1][1],
+            }
         return [parent, *replies]
 
     async def wait_for(
@@ -692,15 +721,16 @@ class FakeSlack:
     def _delete(self, args: dict[str, Any]) -> dict[str, Any]:
         msg = self._find(args)
         del self._messages[str(args["channel"])][msg["ts"]]
+        self._changed(str(args["channel"]))
         return {"channel": args["channel"], "ts": msg["ts"]}
 
     def _replies(self, args: dict[str, Any]) -> dict[str, Any]:
-        messages = self._thread(str(args.get("channel")), str(args.get("ts")))
-        if not messages:
+        channel, thread_ts = str(args.get("channel")), str(args.get("ts"))
+        if thread_ts not in self._messages.get(channel, {}) and not self._ordered_replies(channel, thread_ts):
             raise SlackError("thread_not_found")
-        if args.get("oldest"):
-            oldest = Decimal(str(args["oldest"]))
-            messages = [m for m in messages if Decimal(m["ts"]) > oldest]
+        messages = self._thread(
+            channel, thread_ts, Decimal(str(args["oldest"])) if args.get("oldest") else None
+        )
         limit = min(max(int(args.get("limit") or 100), 1), 1000)
         cursor = str(args.get("cursor") or "")
         if cursor and not (cursor.startswith("offset_") and cursor[7:].isdigit()):

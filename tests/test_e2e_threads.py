@@ -6,6 +6,7 @@ The real bot (Bolt in Socket Mode, slack_sdk, openai, Redis) against the fake Sl
 from __future__ import annotations
 
 import asyncio
+import json
 
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
@@ -87,6 +88,66 @@ async def test_mention_mid_thread_reads_the_thread_first(harness: Harness) -> No
         "bob: I think it is the <cache>",
         "a bot: CI bot says: red",
         "bob: summarize this thread",
+    ]
+
+
+async def test_a_long_unseen_thread_is_read_from_its_first_page_and_its_newest_replies(
+    harness: Harness,
+) -> None:
+    channel, parent = "C1", harness.slack.next_ts()
+    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0: the parent")
+    for number in range(1, 3001):
+        harness.slack.add_message(
+            channel, ts=harness.slack.next_ts(), user="U2", text=f"reply {number}", thread_ts=parent
+        )
+    async with harness.running():
+        await harness.say("what was said last?", thread_ts=parent, user="U1")
+        await harness.replies_done(1)
+    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
+    stored = [json.loads(raw)["text"] for raw in raw_turns]
+    numbers = [int(text.split(":")[0].split()[1]) for text in stored if text.startswith("reply ")]
+    # Replies at an even pace (the fake's clock), as the guess of where the newest begin assumes. The
+    # first page (the parent and 199 replies), then at least the newest 1,000, in order; the middle
+    # is left unread, and so are the pages it would have taken.
+    assert numbers[:200] == list(range(200))
+    newest = numbers[200:]
+    assert newest == list(range(newest[0], 3001)) and len(newest) >= 1000 and newest[0] > 200
+    assert stored[-2:] == ["what was said last?", "answer 1"]
+    assert len(harness.slack.calls_to("conversations.replies")) < 3001 // 200
+    assert contents(harness.model.requests[0])[-2:] == ["bob: reply 3000", "alice: what was said last?"]
+    assert contents(harness.model.requests[0])[1] == "alice: reply 0: the parent"
+
+
+async def test_a_long_thread_at_an_uneven_pace_still_gets_its_newest_replies_read(harness: Harness) -> None:
+    channel, parent = "C1", next_ts()  # these replies came long before the question (the fake's clock)
+    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0")
+    for number in range(1, 1500):
+        harness.slack.add_message(channel, ts=next_ts(), user="U2", text=f"reply {number}", thread_ts=parent)
+    async with harness.running():
+        await harness.say("and now?", thread_ts=parent, user="U1")
+        await harness.replies_done(1)
+    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
+    stored = [json.loads(raw)["text"] for raw in raw_turns]
+    # The guessed window held only the question: widened, it reads the rest, never fewer than 1,000.
+    assert stored[-1002:] == [*(f"reply {n}" for n in range(500, 1500)), "and now?", "answer 1"]
+    assert stored[:200] == [f"reply {n}" for n in range(200)]
+
+
+async def test_an_unseen_thread_within_the_limit_is_read_whole(harness: Harness) -> None:
+    channel, parent = "C1", harness.slack.next_ts()
+    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0")
+    for number in range(1, 1100):
+        harness.slack.add_message(
+            channel, ts=harness.slack.next_ts(), user="U2", text=f"reply {number}", thread_ts=parent
+        )
+    async with harness.running():
+        await harness.say("and now?", thread_ts=parent, user="U1")
+        await harness.replies_done(1)
+    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
+    assert [json.loads(raw)["text"] for raw in raw_turns] == [
+        *(f"reply {n}" for n in range(1100)),
+        "and now?",
+        "answer 1",
     ]
 
 

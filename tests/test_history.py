@@ -56,8 +56,31 @@ async def test_turns_counted_with_another_encoding_are_recounted_once_and_rewrit
     assert recounted is not None
     assert recounted.encoding == "o200k_base"
     assert recounted.tokens == counter.message_tokens("assistant", "bonjour " * 50)
-    raw = await redis_client.lindex(f"{prefix}{{T9:C9:1700000000.000001}}:turns", 0)
+    turns_key = f"{prefix}{{T9:C9:1700000000.000001}}:turns"
+    # Kept while the reply goes on, not before it: wait for it.
+    for _ in range(100):
+        raw = await redis_client.lindex(turns_key, 0)
+        if raw is not None and json.loads(raw)["enc"] == "o200k_base":
+            break
+        await asyncio.sleep(0.01)
     assert raw is not None and json.loads(raw)["enc"] == "o200k_base"
+    assert json.loads(raw)["tokens"] == recounted.tokens
+
+
+async def test_a_count_is_not_kept_over_a_turn_that_changed_since_it_was_read(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    turns_key = f"{prefix}{{T9:C9:1700000000.000001}}:turns"
+    await history.seed(
+        KEY, [Turn("user", "first", 1, "cl100k_base"), Turn("user", "second", 1, "cl100k_base")]
+    )
+    read = [str(raw) for raw in await redis_client.lrange(turns_key, 0, -1)]
+    await redis_client.lset(turns_key, 1, "changed meanwhile")
+    counted = Turn("user", "x", 9, "o200k_base")
+    await history._keep_counts(turns_key, {0: (read[0], counted), 1: (read[1], counted)})
+    kept = await redis_client.lrange(turns_key, 0, -1)
+    assert json.loads(kept[0])["tokens"] == 9 and kept[1] == "changed meanwhile"
 
 
 async def test_a_jobs_question_and_answer_are_stored_once_however_often_it_is_tried(
