@@ -510,8 +510,10 @@ class RedisHistory:
 
     async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:
         progress = self._progress_key(key, job_id)
+        # One round trip without MULTI: both commands may be repeated (a retry does), so nothing is
+        # gained by making them one step.
         with redis_errors("recording a reply message"):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hset(progress, f"part:{index}", ts)
                 pipe.expire(progress, PROGRESS_SECONDS)
                 await pipe.execute()
@@ -519,7 +521,7 @@ class RedisHistory:
     async def mark_answered(self, key: ThreadKey, job_id: str) -> None:
         progress = self._progress_key(key, job_id)
         with redis_errors("marking a job answered"):
-            async with self._redis.pipeline(transaction=True) as pipe:
+            async with self._redis.pipeline(transaction=False) as pipe:  # as record_part
                 pipe.hset(progress, "answer", 1)
                 pipe.expire(progress, PROGRESS_SECONDS)
                 await pipe.execute()

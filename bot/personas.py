@@ -222,6 +222,9 @@ class PersonaStore:
         """The channel's persona as set in Slack, else by the file, else the default."""
         with redis_errors("reading a channel's persona"):
             raw = await self._redis.get(self._key(team, "channel", channel))
+        return self._assignment(channel, raw)
+
+    def _assignment(self, channel: str, raw: str | bytes | None) -> Assignment:
         if raw:
             data = orjson.loads(raw)
             persona = _load(data["persona"])
@@ -319,14 +322,19 @@ class PersonaStore:
         (unless not ``pin``: a shortcut's answer leaves the thread's choice to its next reply)."""
         key_of_pin = self._pin(key)
         with redis_errors("resolving a persona"):
-            raw = await self._redis.getex(key_of_pin, ex=self._thread_ttl)
+            # The channel's persona is read with the pin, in the same round trip: a first reply in a
+            # thread needs it, and a follow-up pays only a small read for it.
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.getex(key_of_pin, ex=self._thread_ttl)
+                pipe.get(self._key(key.team, "channel", key.channel))
+                raw, channel_raw = await pipe.execute()
             if raw:
                 pinned = _load(orjson.loads(raw))
                 if pinned is not None:
                     return pinned
             persona = await self.find(key.team, requested) if requested else None
             if persona is None:
-                persona = (await self.assignment(key.team, key.channel)).persona
+                persona = self._assignment(key.channel, channel_raw).persona
             if pin:
                 await self._redis.set(key_of_pin, orjson.dumps(_dump(persona)), ex=self._thread_ttl, nx=True)
         return persona
