@@ -91,23 +91,30 @@ async def test_mention_mid_thread_reads_the_thread_first(harness: Harness) -> No
     ]
 
 
+async def ask_in_a_long_thread(
+    harness: Harness, replies: int, question: str, *, even_pace: bool = True
+) -> list[str]:
+    """A thread of ``replies`` replies ("reply 1", ...) under "reply 0", the bot asked in it; the texts
+    of the turns it stored. At an even pace the messages take the fake Slack's clock,
+    as the question does; otherwise they all came long before it."""
+    clock = harness.slack.next_ts if even_pace else next_ts
+    channel, parent = "C1", clock()
+    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0")
+    for number in range(1, replies + 1):
+        harness.slack.add_message(channel, ts=clock(), user="U2", text=f"reply {number}", thread_ts=parent)
+    async with harness.running():
+        await harness.say(question, thread_ts=parent, user="U1")
+        await harness.replies_done(1)
+    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
+    return [json.loads(raw)["text"] for raw in raw_turns]
+
+
 async def test_a_long_unseen_thread_is_read_from_its_first_page_and_its_newest_replies(
     harness: Harness,
 ) -> None:
-    channel, parent = "C1", harness.slack.next_ts()
-    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0: the parent")
-    for number in range(1, 3001):
-        harness.slack.add_message(
-            channel, ts=harness.slack.next_ts(), user="U2", text=f"reply {number}", thread_ts=parent
-        )
-    async with harness.running():
-        await harness.say("what was said last?", thread_ts=parent, user="U1")
-        await harness.replies_done(1)
-    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
-    stored = [json.loads(raw)["text"] for raw in raw_turns]
-    numbers = [int(text.split(":")[0].split()[1]) for text in stored if text.startswith("reply ")]
-    # Replies at an even pace (the fake's clock), as the guess of where the newest begin assumes. The
-    # first page (the parent and 199 replies), then at least the newest 1,000, in order; the middle
+    stored = await ask_in_a_long_thread(harness, 3000, "what was said last?")
+    numbers = [int(text.split()[1]) for text in stored if text.startswith("reply ")]
+    # The first page (the parent and 199 replies), then at least the newest 1,000, in order; the middle
     # is left unread, and so are the pages it would have taken.
     assert numbers[:200] == list(range(200))
     newest = numbers[200:]
@@ -115,40 +122,19 @@ async def test_a_long_unseen_thread_is_read_from_its_first_page_and_its_newest_r
     assert stored[-2:] == ["what was said last?", "answer 1"]
     assert len(harness.slack.calls_to("conversations.replies")) < 3001 // 200
     assert contents(harness.model.requests[0])[-2:] == ["bob: reply 3000", "alice: what was said last?"]
-    assert contents(harness.model.requests[0])[1] == "alice: reply 0: the parent"
+    assert contents(harness.model.requests[0])[1] == "alice: reply 0"
 
 
 async def test_a_long_thread_at_an_uneven_pace_still_gets_its_newest_replies_read(harness: Harness) -> None:
-    channel, parent = "C1", next_ts()  # these replies came long before the question (the fake's clock)
-    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0")
-    for number in range(1, 1500):
-        harness.slack.add_message(channel, ts=next_ts(), user="U2", text=f"reply {number}", thread_ts=parent)
-    async with harness.running():
-        await harness.say("and now?", thread_ts=parent, user="U1")
-        await harness.replies_done(1)
-    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
-    stored = [json.loads(raw)["text"] for raw in raw_turns]
+    stored = await ask_in_a_long_thread(harness, 1499, "and now?", even_pace=False)
     # The guessed window held only the question: widened, it reads the rest, never fewer than 1,000.
     assert stored[-1002:] == [*(f"reply {n}" for n in range(500, 1500)), "and now?", "answer 1"]
     assert stored[:200] == [f"reply {n}" for n in range(200)]
 
 
 async def test_an_unseen_thread_within_the_limit_is_read_whole(harness: Harness) -> None:
-    channel, parent = "C1", harness.slack.next_ts()
-    harness.slack.add_message(channel, ts=parent, user="U1", text="reply 0")
-    for number in range(1, 1100):
-        harness.slack.add_message(
-            channel, ts=harness.slack.next_ts(), user="U2", text=f"reply {number}", thread_ts=parent
-        )
-    async with harness.running():
-        await harness.say("and now?", thread_ts=parent, user="U1")
-        await harness.replies_done(1)
-    raw_turns = await harness.redis.lrange(f"{harness.prefix}{{{TEAM_ID}:{channel}:{parent}}}:turns", 0, -1)
-    assert [json.loads(raw)["text"] for raw in raw_turns] == [
-        *(f"reply {n}" for n in range(1100)),
-        "and now?",
-        "answer 1",
-    ]
+    stored = await ask_in_a_long_thread(harness, 1099, "and now?")
+    assert stored == [*(f"reply {n}" for n in range(1100)), "and now?", "answer 1"]
 
 
 async def test_direct_messages_are_answered_without_mention_in_a_thread(harness: Harness) -> None:
