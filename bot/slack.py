@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import html
 import logging
-import os
 import re
 import time
 import uuid
@@ -1431,9 +1430,6 @@ def web_client(token: str, base_url: str, session: aiohttp.ClientSession | None 
     sdk_log = logging.getLogger("slack_sdk.web.async_client")
     if sdk_log.level == logging.NOTSET:
         sdk_log.setLevel(sdk_log.getEffectiveLevel())
-    # Its check for deprecated methods runs on every call; the bot calls none (the tests' fake Slack
-    # knows only current methods), and this variable is slack_sdk's own switch to skip the check.
-    os.environ.setdefault("SLACKCLIENT_SKIP_DEPRECATION", "1")
     return _CountingWebClient(
         token=token or None, base_url=base_url, session=session, retry_handlers=_RETRIES, logger=sdk_log
     )
