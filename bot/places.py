@@ -9,15 +9,17 @@ check is made in the worker, never before an acknowledgement. An id needs no loo
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 # A public or private channel's id, as Slack writes it; anything else in the lists is a name.
 CHANNEL_ID = re.compile(r"^[CG][A-Z0-9]+$")
 # Slack's channel names: lower-case letters, digits, hyphens and underscores, at most 80.
 CHANNEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,79}$")
 NAME_SECONDS = 600.0  # a renamed channel is known by its new name after this long
+CACHED = 10_000  # channels whose names a process keeps at once
 
 
 def channel_list_problems(value: str) -> list[str]:
@@ -75,7 +77,7 @@ class Places:
         self._denied = denied
         self._allow_dms = allow_dms
         self._channel_name = channel_name
-        self._names: dict[str, tuple[str, float]] = {}  # channel -> (name, when looked up)
+        self._names: TTLCache[str, str] = TTLCache(maxsize=CACHED, ttl=NAME_SECONDS)  # channel -> name
 
     async def refusal(self, channel: str) -> str | None:
         """None when the bot answers in ``channel``; else what to tell whoever asked there. Raises
@@ -94,11 +96,10 @@ class Places:
 
     async def _name(self, channel: str) -> str:
         """The channel's name, cached a while."""
-        cached = self._names.get(channel)
-        if cached is None or time.monotonic() - cached[1] >= NAME_SECONDS:
-            cached = ((await self._channel_name(channel)).lower(), time.monotonic())
-            self._names[channel] = cached
-        return cached[0]
+        name = self._names.get(channel)
+        if name is None:
+            name = self._names[channel] = (await self._channel_name(channel)).lower()
+        return name
 
 
 def _ask_in(refusal: str, places: list[str]) -> str:

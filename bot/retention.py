@@ -12,14 +12,15 @@ there then needs a mention, and the thread is read from Slack again, as after ``
 from __future__ import annotations
 
 import re
-import time
 
 import redis.asyncio as redis
+from cachetools import TTLCache
 
 from bot.domain import ThreadKey
 from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 CACHE_SECONDS = 60.0
+CACHED = 10_000  # channels whose retention a process keeps at once
 MIN_SECONDS = 3600
 _UNITS = {"h": 3600, "d": 86400}
 _DURATION = re.compile(r"^(\d+)\s*(h|d)$")
@@ -38,7 +39,7 @@ class ChannelRetention:
         self._redis = client
         self._prefix = prefix
         self.default_seconds = default_seconds
-        self._cached: dict[tuple[str, str], tuple[int | None, float]] = {}
+        self._cached: TTLCache[tuple[str, str], int | None] = TTLCache(maxsize=CACHED, ttl=CACHE_SECONDS)
 
     def _key(self, team: str, channel: str) -> str:
         return f"{self._prefix}retention:{team}:{channel}"
@@ -48,7 +49,7 @@ class ChannelRetention:
         with redis_errors("reading a channel's retention"):
             raw = await self._redis.get(self._key(team, channel))
         value = int(raw) if raw else None
-        self._cached[(team, channel)] = (value, time.monotonic())
+        self._cached[(team, channel)] = value
         return value
 
     async def seconds(self, key: ThreadKey) -> int:
@@ -57,11 +58,10 @@ class ChannelRetention:
 
     async def lifetime(self, team: str, channel: str) -> int:
         """How long the channel's threads are kept: its retention, else the default."""
-        cached = self._cached.get((team, channel))
-        if cached is None or time.monotonic() - cached[1] >= CACHE_SECONDS:
+        try:
+            value = self._cached[(team, channel)]
+        except KeyError:
             value = await self.of(team, channel)
-        else:
-            value = cached[0]
         return min(value, self.default_seconds) if value else self.default_seconds
 
     async def set(self, team: str, channel: str, seconds: int | None) -> int:
@@ -72,7 +72,7 @@ class ChannelRetention:
                 await self._redis.delete(self._key(team, channel))
             else:
                 await self._redis.set(self._key(team, channel), seconds)
-        self._cached[(team, channel)] = (seconds, time.monotonic())
+        self._cached[(team, channel)] = seconds
         if seconds is None:
             return 0
         shortened = 0

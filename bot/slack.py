@@ -31,6 +31,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import orjson
+from cachetools import TTLCache
 from markdown_it import MarkdownIt
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from slack_sdk.errors import SlackApiError
@@ -580,6 +581,7 @@ REPLIES_PAGE = 200  # messages per conversations.replies page (Slack's advice: a
 # A thread the bot never saw is read whole up to this many replies past its first page; beyond, only the
 # first page and the newest this many (no context holds more).
 NEWEST_READ = 1000
+NAME_SECONDS = 60.0  # a renamed person is named anew within this long (the Redis cache keeps a day)
 # A reply's messages carry Slack message metadata naming their job, their place in the reply and how
 # far it got: "writing" while it streams, "more" for a finished message the answer continues after,
 # "done" for its last, "failed" when it ended with an error, "notice" for a hint, refusal or apology.
@@ -1008,10 +1010,16 @@ class SlackAdapter:
         self._answer_blocks = answer_blocks
         # Channels where Slack refused native streaming: later replies there go straight to post+update.
         self._refusals = ChannelRefusals()
+        self._recent_names: TTLCache[tuple[str, str], str] = TTLCache(maxsize=10_000, ttl=NAME_SECONDS)
 
     async def display_name(self, team: str, user_id: str) -> str:
+        # Every reply names its asker: a copy in the process spares the Redis cache's round trip.
+        recent = self._recent_names.get((team, user_id))
+        if recent is not None:
+            return recent
         cached = await self._names.cached_name(team, user_id)
         if cached:
+            self._recent_names[(team, user_id)] = cached
             return cached
         try:
             response = await self._client.users_info(user=user_id)
@@ -1028,6 +1036,7 @@ class SlackAdapter:
         )
         name = valid_text(str(name or user_id))
         await self._names.cache_name(team, user_id, name)
+        self._recent_names[(team, user_id)] = name
         return name
 
     async def readable(self, team: str, text: str) -> str:
