@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from bot.errors import BotError
 from bot.llm import list_models, model_exists
 from bot.personas import FilePersonas, PersonaStore
-from bot.redis_client import open_redis, redis_errors
-from bot.services import model_client, slack_client, token_counter
+from bot.redis_client import cluster_nodes, is_cluster, open_redis, redis_errors
+from bot.services import model_client, redacted, slack_client, token_counter
 from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, check_app_token, fetch_identity
 
@@ -77,7 +77,9 @@ async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
     models = {settings.openai_model}
     redis_ok = False
     try:
-        async with open_redis(settings.redis_url, settings.data_dir) as client:
+        async with open_redis(
+            settings.redis_url, settings.data_dir, cluster=settings.redis_cluster
+        ) as client:
 
             async def redis_writable() -> str:
                 key = f"{settings.redis_prefix}check:{uuid.uuid4().hex}"
@@ -87,7 +89,10 @@ async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
                     await client.delete(key)
                 if not ok:
                     raise BotError("wrote a key but could not read it back")
-                return f"{settings.redis_url or 'embedded server'} is reachable and writable"
+                where = redacted(settings.redis_url) if settings.redis_url else "the embedded server"
+                if not is_cluster(client):
+                    return f"a single server, {where}, is reachable and writable"
+                return f"a cluster (from {where}): {await cluster_nodes(client)}; writable"
 
             results.append(await _attempt("redis", redis_writable))
             redis_ok = results[-1].ok

@@ -248,6 +248,9 @@ class Shortcut:
         )
 
 
+JobRef = tuple[int, str]  # a job's stream and its id in it
+
+
 @dataclass(frozen=True, slots=True)
 class Job:
     """Work the ingress accepted: a message to answer (``Incoming``), a change to carry out (a deletion
@@ -257,6 +260,12 @@ class Job:
     work: Incoming | Change | Shortcut
     attempt: int = 1
     enqueued_at: float = 0.0  # wall-clock seconds when the ingress queued it
+    stream: int = 0  # which of the workspace's job streams holds it (its id is unique only there)
+
+    @property
+    def ref(self) -> JobRef:
+        """The job's identity across the workspace's streams: its stream and its id there."""
+        return (self.stream, self.id)
 
     @property
     def incoming(self) -> Incoming:

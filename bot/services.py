@@ -40,6 +40,7 @@ from bot.settings import Settings, secret_value
 from bot.slack import REQUIRED_SCOPES, BotIdentity, SlackAdapter, fetch_identity, http_session, web_client
 from bot.summaries import Summarizer
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding
+from bot.upgrade import upgrade_keys
 from bot.usage import Budgets, RedisUsage, load_prices
 from bot.views import feedback_blocks
 
@@ -202,7 +203,9 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
     prices = load_prices(settings.prices_file)
     async with AsyncExitStack() as stack:
         try:
-            client = await stack.enter_async_context(open_redis(settings.redis_url, settings.data_dir))
+            client = await stack.enter_async_context(
+                open_redis(settings.redis_url, settings.data_dir, cluster=settings.redis_cluster)
+            )
         except HistoryError as exc:
             where = (
                 f"REDIS_URL {redacted(settings.redis_url)}" if settings.redis_url else "the embedded Redis"
@@ -250,6 +253,10 @@ async def open_services(settings: Settings, *, slack: bool = True) -> AsyncItera
             session = await stack.enter_async_context(http_session())
             web = slack_client(settings, session)
             identity = await _identity(settings, web)
+            try:
+                await upgrade_keys(client, settings.redis_prefix, identity.team_id)
+            except HistoryError as exc:
+                raise StartupError(f"cannot upgrade an earlier version's keys ({exc})") from exc
             adapter = SlackAdapter(
                 web,
                 history,

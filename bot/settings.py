@@ -53,6 +53,7 @@ _HINTS: dict[str, str] = {
     "STREAM_MODE": "one of auto, native, update, off",
     "LOG_LEVEL": "one of DEBUG, INFO, WARNING, ERROR",
     "REDIS_URL": "a redis://, rediss:// or unix:// URL, or unset for the embedded server",
+    "REDIS_CLUSTER": "true for a Redis Cluster (REDIS_URL then names any of its nodes), else false",
     "JOB_LEASE_SECONDS": "a number of seconds from 2 to 300",
     "JOB_MAX_ATTEMPTS": "a whole number from 1 to 20",
     "WORKER_CONCURRENCY": "a whole number from 1 to 10000",
@@ -155,6 +156,8 @@ class Settings(BaseSettings):
     summary_max_tokens: Annotated[int, Field(ge=50, le=4000)] = 600
 
     redis_url: str | None = None
+    # REDIS_URL names one node of a Redis Cluster: the bot finds the others and routes each key to its slot.
+    redis_cluster: bool = False
     redis_prefix: str = "sgb:"
     data_dir: Path = Path("data")
     # Jobs: how long a worker may go silent before its job (and thread lock) pass to another, how
@@ -243,6 +246,11 @@ def _problems_for_run(settings: Settings, serving: Serving) -> list[str]:
     problems: list[str] = []
     if serving == "model":
         return _model_problems(settings, problems)
+    if settings.redis_cluster and not (settings.redis_url or "").startswith(("redis://", "rediss://")):
+        problems.append(
+            "REDIS_CLUSTER is true but REDIS_URL is not a redis:// or rediss:// address: set it to any node "
+            "of the cluster (the bot finds the others), or set REDIS_CLUSTER=false"
+        )
     token = secret_value(settings.slack_bot_token)
     if not token:
         problems.append(f"SLACK_BOT_TOKEN is missing: set it to {_HINTS['SLACK_BOT_TOKEN']}")

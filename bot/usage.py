@@ -1,6 +1,6 @@
 """Usage, cost and budgets: what every reply used, what it cost, and whether the next one may run.
 
-Each reply adds its usage to two Redis hashes per workspace, one for the month (``sgb:usage:{T}:YYYY-MM``)
+Each reply adds its usage to two Redis hashes per workspace, one for the month (``sgb:{T:usage}:YYYY-MM``)
 and one for the day (``...:YYYY-MM-DD``), in one round trip. Fields are ``<scope>:<figure>``: scope
 ``all``, ``ch:<channel>``, ``u:<user>`` or ``m:<model>``; figure ``prompt``, ``completion``,
 ``reasoning``, ``replies``, ``trimmed``, ``estimated`` (replies counted with tiktoken because the
@@ -160,7 +160,9 @@ class RedisUsage:
         self._record = client.register_script(_RECORD)
 
     def key(self, team: str, period: str) -> str:
-        return f"{self._prefix}usage:{team}:{period}"
+        # Every period's hash (and budget notice marker) carries the tag {T:usage}: the script that
+        # records a reply in the month and the day touches one Redis Cluster slot.
+        return f"{self._prefix}{{{team}:usage}}:{period}"
 
     async def reserve(self, key: ThreadKey, user: str, model: str, tokens: int) -> BudgetCheck:
         """May a reply of up to ``tokens`` run? Reserves them when it may."""

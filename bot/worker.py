@@ -1,7 +1,9 @@
 """The worker: takes jobs from the queue and answers them; any number of them share one Redis.
 
-A worker runs up to ``WORKER_CONCURRENCY`` jobs at once. New jobs come from the consumer group; every
-quarter lease it also reclaims jobs whose worker went silent for a whole lease (it died, or froze).
+A worker runs up to ``WORKER_CONCURRENCY`` jobs at once. New jobs come from the consumer group, one
+reader per job stream, each asking for its share of the room left; jobs that arrive on several
+streams at once beyond the room wait here, taken and leased, until a running job ends. Every quarter
+lease it also reclaims jobs whose worker went silent for a whole lease (it died, or froze).
 While a job runs, one loop renews the leases of all of this worker's jobs; a job whose lease another
 worker took meanwhile is cancelled here, so two workers never write the same answer.
 
@@ -16,11 +18,12 @@ running after it are dropped unacknowledged, for another worker to take over.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
 from bot.conversation import Responder
-from bot.domain import Change, Job, Shortcut
+from bot.domain import Change, Job, JobRef, Shortcut
 from bot.errors import BotError, HistoryError
 from bot.forgetting import Forgetting
 from bot.history import RedisHistory
@@ -65,13 +68,19 @@ class Worker:
         self._history = history
         self._forgetting = forgetting
         self._concurrency = concurrency
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._finishing: set[str] = set()  # running jobs that are acknowledged or being dead-lettered
+        self._jobs: dict[JobRef, Job] = {}  # running or waiting: this worker holds their leases
+        self._running: dict[JobRef, asyncio.Task[None]] = {}
+        self._waiting: collections.deque[Job] = collections.deque()  # taken beyond the room, next to run
+        self._finishing: set[JobRef] = set()  # running jobs that are acknowledged or being dead-lettered
+        self._room = asyncio.Event()  # set when a job ends (or the worker stops): readers look again
         self._last_read = float("-inf")
 
     def consuming(self) -> bool:
         """True while the worker reads the queue (for readiness)."""
         return time.monotonic() - self._last_read < max(10.0, self._queue.lease_seconds)
+
+    def _room_left(self) -> int:
+        return self._concurrency - len(self._running) - len(self._waiting)
 
     async def run(self, stop: asyncio.Event, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Answer jobs until ``stop`` is set, then let running ones finish for ``grace_seconds``."""
@@ -79,6 +88,9 @@ class Worker:
         try:
             await self._consume(stop)
         finally:
+            for job in self._waiting:  # unstarted: another worker takes them over after one lease
+                self._jobs.pop(job.ref, None)
+            self._waiting.clear()
             if self._running:
                 await asyncio.wait(set(self._running.values()), timeout=grace_seconds)
             for task in list(self._running.values()):
@@ -87,52 +99,79 @@ class Worker:
 
     async def _consume(self, stop: asyncio.Event) -> None:
         stopping = asyncio.create_task(stop.wait())
-        next_reclaim = 0.0
-        delay = 0.1
-        group_ready = False
+        stopping.add_done_callback(lambda _: self._room.set())
         try:
-            while not stop.is_set():
-                free = self._concurrency - len(self._running)
-                if free <= 0:
-                    await asyncio.wait({stopping, *self._running.values()}, return_when="FIRST_COMPLETED")
-                    continue
-                try:
-                    jobs: list[Job] = []
-                    if not group_ready:
-                        await self._queue.ensure_group()
-                        group_ready = True
-                    if time.monotonic() >= next_reclaim:
-                        jobs = await self._queue.reclaim(free)
-                        JOBS_RECLAIMED.inc(len(jobs))
-                        queued, taken = await self._queue.depth()
-                        JOBS_WAITING.set(queued - taken)
-                        next_reclaim = time.monotonic() + self._queue.lease_seconds / 4
-                    if not jobs:
-                        jobs = await self._queue.take(free, READ_BLOCK_MS)
-                    self._last_read = time.monotonic()
-                    delay = 0.1
-                except HistoryError as exc:
-                    log.warning("cannot read jobs (%s); trying again in %.1f s", exc, delay)
-                    await asyncio.wait({stopping}, timeout=delay)
-                    delay = min(delay * 2, MAX_BACKOFF_SECONDS)
-                    continue
-                for job in jobs:
-                    self._start(job)
+            await asyncio.gather(
+                self._reclaim_now_and_then(stop, stopping),
+                *(self._read(stream, stop, stopping) for stream in self._queue.streams),
+            )
         finally:
             stopping.cancel()
 
+    async def _read(self, stream: int, stop: asyncio.Event, stopping: asyncio.Task[bool]) -> None:
+        """New jobs of one stream, as many as this stream's share of the room left."""
+        delay = 0.1
+        group_ready = False
+        share = len(self._queue.streams)
+        while not stop.is_set():
+            room = self._room_left()
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                if not group_ready:
+                    await self._queue.ensure_group(stream)
+                    group_ready = True
+                jobs = await self._queue.take(stream, -(-room // share), READ_BLOCK_MS)
+                self._last_read = time.monotonic()
+                delay = 0.1
+            except HistoryError as exc:
+                log.warning("cannot read jobs of stream %d (%s); trying again in %.1f s", stream, exc, delay)
+                await asyncio.wait({stopping}, timeout=delay)
+                delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+                continue
+            for job in jobs:
+                self._start(job)
+
+    async def _reclaim_now_and_then(self, stop: asyncio.Event, stopping: asyncio.Task[bool]) -> None:
+        """Every quarter lease: the jobs of silent workers, and the queue's depth for the metrics."""
+        while not stop.is_set():
+            try:
+                if (room := self._room_left()) > 0:
+                    jobs = await self._queue.reclaim(room)
+                    JOBS_RECLAIMED.inc(len(jobs))
+                    for job in jobs:
+                        self._start(job)
+                queued, taken = await self._queue.depth()
+                JOBS_WAITING.set(queued - taken)
+            except HistoryError as exc:
+                log.warning("cannot reclaim jobs (%s); trying again in a while", exc)
+            await asyncio.wait({stopping}, timeout=self._queue.lease_seconds / 4)
+
     def _start(self, job: Job) -> None:
-        if job.id in self._running:
-            return  # reclaimed from this very worker while it still works on it
+        if job.ref in self._jobs:
+            return  # reclaimed from this very worker while it still holds it
+        self._jobs[job.ref] = job
+        if len(self._running) >= self._concurrency:
+            self._waiting.append(job)
+        else:
+            self._launch(job)
+
+    def _launch(self, job: Job) -> None:
         work = self._give_up(job) if job.attempt > self._queue.max_attempts else self._work(job)
         task = asyncio.create_task(work)
-        self._running[job.id] = task
+        self._running[job.ref] = task
 
-        def forget(_: asyncio.Task[None]) -> None:
-            self._running.pop(job.id, None)
-            self._finishing.discard(job.id)
+        def ended(_: asyncio.Task[None]) -> None:
+            self._running.pop(job.ref, None)
+            self._jobs.pop(job.ref, None)
+            self._finishing.discard(job.ref)
+            if self._waiting:
+                self._launch(self._waiting.popleft())
+            self._room.set()
 
-        task.add_done_callback(forget)
+        task.add_done_callback(ended)
 
     async def _work(self, job: Job) -> None:
         with job_context(job.label, job.id):
@@ -182,7 +221,7 @@ class Worker:
             raise
 
     async def _finish(self, job: Job) -> None:
-        self._finishing.add(job.id)
+        self._finishing.add(job.ref)
         try:
             await self._queue.ack(job)
             JOBS_DONE.inc()
@@ -193,7 +232,7 @@ class Worker:
             log.warning("could not acknowledge a finished job: %s", exc)
 
     async def _give_up(self, job: Job) -> None:
-        self._finishing.add(job.id)
+        self._finishing.add(job.ref)
         with job_context(job.label, job.id):
             try:
                 await self._queue.dead_letter(job, f"failed {job.attempt - 1} attempts")
@@ -214,12 +253,15 @@ class Worker:
         while True:
             await asyncio.sleep(self._queue.lease_seconds / 3)
             try:
-                lost = await self._queue.renew([i for i in self._running if i not in self._finishing])
+                lost = await self._queue.renew(
+                    j for ref, j in self._jobs.items() if ref not in self._finishing
+                )
             except HistoryError as exc:
                 log.warning("could not renew job leases: %s", exc)
                 continue
-            for job_id in lost - self._finishing:  # (one may have finished while the renewal ran)
-                task = self._running.get(job_id)
-                if task is not None:
-                    log.warning("job %s was taken over by another worker; stopping here", job_id)
+            for ref in lost - self._finishing:  # (one may have finished while the renewal ran)
+                if (task := self._running.get(ref)) is not None:
+                    log.warning("job %s was taken over by another worker; stopping here", ref[1])
                     task.cancel()
+                elif (job := self._jobs.pop(ref, None)) is not None:
+                    self._waiting.remove(job)

@@ -10,25 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
+import re
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
+from bot.jobs import JobQueue
 from bot.processes import run, run_worker
 from bot.services import Services, open_services
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 from tests.fake_model import FakeModel
 from tests.fake_slack import BOT_USER_ID, TEAM_ID, FakeSlack
-from tests.procs import PrivateRedis, clean_env
+from tests.procs import PrivateRedis, PrivateRedisCluster, clean_env
 
 for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
     os.environ.pop(proxy, None)
@@ -37,7 +41,7 @@ os.environ["TIKTOKEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="sgb-tiktoken-")
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def single_redis_url() -> Iterator[str]:
     """The machine's Redis (``REDIS_URL``) or a private one for the whole session."""
     url = os.environ.get("REDIS_URL")
     if url:
@@ -49,14 +53,77 @@ def redis_url() -> Iterator[str]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[PrivateRedisCluster]:
+    """A real Redis Cluster of three primaries on loopback, for the whole session (started when a test
+    first asks for it)."""
+    cluster = PrivateRedisCluster(Path(tempfile.mkdtemp(prefix="sgb-cluster-")))
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``cluster`` runs twice: on the single server, and on the Redis Cluster."""
+    if metafunc.definition.get_closest_marker("cluster"):
+        metafunc.parametrize("redis_kind", ["single", "cluster"], indirect=True)
+
+
 @pytest.fixture
-async def redis_client(redis_url: str, prefix: str) -> AsyncIterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """``single`` or ``cluster``: which Redis the test's bot uses."""
+    return str(getattr(request, "param", "single"))
+
+
+@pytest.fixture
+def redis_url(redis_kind: str, request: pytest.FixtureRequest) -> str:
+    if redis_kind == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return str(request.getfixturevalue("single_redis_url"))
+
+
+# What redis-py or the cluster says when one command, transaction or script would touch two slots.
+CROSS_SLOT = re.compile(r"CROSSSLOT|CrossSlot|same (key )?slot|non local key", re.IGNORECASE)
+
+
+class _Warnings(logging.Handler):
+    """Every WARNING or worse the bot logs in this process."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+async def redis_client(
+    redis_url: str, redis_kind: str, prefix: str, request: pytest.FixtureRequest
+) -> AsyncIterator[redis.Redis]:
+    """A client of the test's Redis. On the cluster, the test fails afterwards if any node refused a
+    command for touching two slots (``INFO errorstats``) or the bot logged such a refusal (redis-py's
+    cluster client refuses a cross-slot transaction or script before it is sent)."""
+    cluster: PrivateRedisCluster | None = None
+    warnings = _Warnings()
+    if redis_kind == "cluster":
+        cluster = request.getfixturevalue("redis_cluster")
+        client = cast(redis.Redis, RedisCluster.from_url(redis_url, decode_responses=True))
+        cluster.reset_errors()
+        logging.getLogger().addHandler(warnings)
+    else:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        logging.getLogger().removeHandler(warnings)
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+    if cluster is not None:
+        assert cluster.errors().get("CROSSSLOT", 0) == 0, "a command touched two slots"
+        assert not [m for m in warnings.messages if CROSS_SLOT.search(m)]
 
 
 @pytest.fixture(scope="session")
@@ -88,6 +155,7 @@ class Harness:
     redis_url: str
     prefix: str
     data_dir: Path
+    cluster: bool = False  # the Redis is a cluster: the bot is told so
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def env(self, **overrides: str) -> dict[str, str]:
@@ -100,6 +168,7 @@ class Harness:
             "OPENAI_BASE_URL": self.model.base_url,
             "OPENAI_MAX_RETRIES": "0",
             "REDIS_URL": self.redis_url,
+            "REDIS_CLUSTER": "true" if self.cluster else "false",
             "REDIS_PREFIX": self.prefix,
             "SYSTEM_PROMPT": "You are a test bot.",
             "PYTHONPATH": os.getcwd(),
@@ -117,6 +186,7 @@ class Harness:
             "openai_max_retries": 0,
             "openai_timeout_seconds": 5,
             "redis_url": self.redis_url,
+            "redis_cluster": self.cluster,
             "redis_prefix": self.prefix,
             "data_dir": self.data_dir,
             "system_prompt": "You are a test bot.",
@@ -231,11 +301,18 @@ class Harness:
         """Wait until nothing more can happen: every event acknowledged, and no job queued or running
         (a job leaves its stream only when it is done)."""
         await self.slack.wait_for(self.slack.all_acked, timeout, "every event acknowledged")
-        queue = f"{self.prefix}{{{TEAM_ID}:jobs}}:queue"
         deadline = asyncio.get_running_loop().time() + timeout
-        while await self.redis.xlen(queue):
+        while await self.queued():
             assert asyncio.get_running_loop().time() < deadline, "jobs still queued or running"
             await asyncio.sleep(0.01)
+
+    def queue(self) -> JobQueue:
+        """The bot's job queue, as a process of its own sees it."""
+        return JobQueue(self.redis, prefix=self.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3)
+
+    async def queued(self) -> int:
+        """Jobs in the bot's streams, waiting or being answered (a job leaves its stream when done)."""
+        return sum([await self.redis.xlen(key) for key in self.queue().queue_keys])
 
     def stream_stops(self) -> int:
         """Replies finished so far (each ends with chat.stopStream in native mode)."""
@@ -248,13 +325,15 @@ class Harness:
 
 @pytest.fixture
 async def harness(
-    redis_client: redis.Redis, redis_url: str, prefix: str, tmp_path: Path
+    redis_client: redis.Redis, redis_url: str, redis_kind: str, prefix: str, tmp_path: Path
 ) -> AsyncIterator[Harness]:
     slack, model = FakeSlack(), FakeModel()
     await slack.start()
     await model.start()
     try:
-        yield Harness(slack, model, redis_client, redis_url, prefix, tmp_path)
+        yield Harness(
+            slack, model, redis_client, redis_url, prefix, tmp_path, cluster=redis_kind == "cluster"
+        )
     finally:
         await model.close()
         await slack.close()

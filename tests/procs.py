@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import shutil
@@ -19,9 +20,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import redis as sync_redis
 from prometheus_client.parser import text_string_to_metric_families
 
 # Settings the developer's environment may hold; a bot process under test must not see them.
@@ -193,6 +197,122 @@ class PrivateRedis:
             self._process.send_signal(signal.SIGTERM)
             self._process.wait(10)
         self._process = None
+
+
+class PrivateRedisCluster:
+    """A Redis Cluster of three primaries (no replicas) on free loopback ports, each a ``redis-server``
+    in cluster mode, its slots assigned and its nodes introduced with CLUSTER commands (what
+    ``redis-cli --cluster create`` does), ready once every node says ``cluster_state:ok``."""
+
+    PRIMARIES = 3
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ports = [_port_with_bus() for _ in range(self.PRIMARIES)]
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """Any node's address: the cluster client learns the rest from it."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        executable = redis_executable()
+        for port in self.ports:
+            directory = self.directory / str(port)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._processes.append(
+                subprocess.Popen(
+                    [
+                        executable,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--dir",
+                        str(directory),
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--appendonly",
+                        "no",
+                        "--save",
+                        "",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        nodes = [self._client(port) for port in self.ports]
+        for node in nodes:
+            _wait(node.ping, "a cluster node to start")
+        per_node = 16384 // len(nodes)
+        for i, node in enumerate(nodes):
+            last = 16383 if i == len(nodes) - 1 else (i + 1) * per_node - 1
+            node.cluster("ADDSLOTS", *range(i * per_node, last + 1))
+        for port in self.ports[1:]:
+            nodes[0].cluster("MEET", "127.0.0.1", port)
+        for node in nodes:
+            _wait(functools.partial(_cluster_ready, node, len(nodes)), "every node to see the whole cluster")
+            node.close()
+
+    def errors(self) -> dict[str, int]:
+        """The errors every node answered since ``reset_errors``, by prefix (``INFO errorstats``)."""
+        counts: dict[str, int] = {}
+        for port in self.ports:
+            with self._client(port) as node:
+                for name, value in node.info("errorstats").items():
+                    prefix = name.removeprefix("errorstat_")
+                    counts[prefix] = counts.get(prefix, 0) + int(value["count"])
+        return counts
+
+    def reset_errors(self) -> None:
+        for port in self.ports:
+            with self._client(port) as node:
+                node.config_resetstat()
+
+    def stop(self) -> None:
+        for process in self._processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(10)
+        self._processes = []
+
+    @staticmethod
+    def _client(port: int) -> sync_redis.Redis:
+        return sync_redis.Redis(port=port, decode_responses=True, socket_timeout=5)
+
+
+def _cluster_ready(node: sync_redis.Redis, primaries: int) -> bool:
+    info: Any = node.cluster("INFO")
+    slots: Any = node.cluster("SLOTS")
+    return bool(info["cluster_state"] == "ok" and len(slots) == primaries)
+
+
+def _port_with_bus() -> int:
+    """A free port whose cluster bus port (10000 above it: Redis 6 has no setting for it) is free too."""
+    while True:
+        port = free_port()
+        if port + 10_000 < 65_536:
+            try:
+                socket.create_server(("127.0.0.1", port + 10_000)).close()
+                return port
+            except OSError:
+                continue
+
+
+def _wait(ready: Callable[[], Any], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if ready():
+                return
+        except (OSError, sync_redis.RedisError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

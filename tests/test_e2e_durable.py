@@ -18,6 +18,7 @@ import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
 from bot.domain import Incoming, Job, ThreadKey
+from bot.jobs import stream_of
 from tests.conftest import Harness
 from tests.fake_model import Reply
 from tests.fake_slack import BOT_ID, BOT_USER_ID, TEAM_ID
@@ -41,6 +42,7 @@ async def stored_texts(client: redis.Redis, prefix: str, channel: str, ts: str) 
     return [orjson.loads(item)["text"] for item in raw]
 
 
+@pytest.mark.cluster
 async def test_a_worker_killed_mid_reply_is_replaced_and_the_thread_ends_with_one_answer(
     harness: Harness, tmp_path: Path
 ) -> None:
@@ -83,8 +85,7 @@ async def test_a_worker_killed_mid_reply_is_replaced_and_the_thread_ends_with_on
         "Another answer.",
     ]
     assert "job started: attempt 2" in successor.log()
-    queue = f"{harness.prefix}{{{TEAM_ID}:jobs}}:queue"
-    assert await harness.redis.xlen(queue) == 0
+    assert await harness.queued() == 0
 
 
 async def test_redis_stopped_and_started_again_loses_nothing_and_says_nothing_twice(
@@ -172,13 +173,15 @@ async def test_edits_that_slack_refuses_for_a_while_are_tried_again(harness: Har
     assert len(harness.slack.calls_to("chat.update")) == 3  # two refused, then done
 
 
+@pytest.mark.cluster
 async def test_a_job_that_fails_every_attempt_is_dead_lettered_with_one_apology(harness: Harness) -> None:
     harness.slack.fail_http("chat.startStream", 500, times=100)  # Slack keeps failing this thread's writes
     async with harness.running(stream_mode="native", job_lease_seconds=2, job_max_attempts=2):
         ts = await harness.say("will this work?")
         await harness.slack.wait_for(lambda: bool(finished(harness, "C1", ts)), 40, "the apology")
         await harness.settled()  # nothing more comes
-        dead: Any = await harness.redis.xrange(f"{harness.prefix}{{{TEAM_ID}:jobs}}:dead")
+        dead_key = harness.queue().dead_keys[stream_of(ThreadKey(TEAM_ID, "C1", ts))]
+        dead: Any = await harness.redis.xrange(dead_key)
     messages = harness.slack.bot_messages("C1", ts)
     assert [state(m) for m in messages] == ["notice"]
     assert "couldn't answer" in messages[0]["text"]
@@ -186,7 +189,7 @@ async def test_a_job_that_fails_every_attempt_is_dead_lettered_with_one_apology(
     [(_, fields)] = dead
     assert json.loads(fields["job"])["ts"] == ts
     assert (fields["attempts"], fields["reason"]) == ("2", "failed 2 attempts")
-    assert await harness.redis.xlen(f"{harness.prefix}{{{TEAM_ID}:jobs}}:queue") == 0
+    assert await harness.queued() == 0
 
 
 async def test_two_worker_processes_answer_every_job_exactly_once(harness: Harness, tmp_path: Path) -> None:
@@ -309,7 +312,7 @@ async def test_the_thread_lock_and_the_job_lease_are_renewed_while_a_long_answer
             lambda: any("w30" in m["text"] for m in harness.slack.bot_messages("C1", ts)), 10, "3 s of it"
         )
         lock_ms = await harness.redis.pttl(f"{harness.prefix}{{{TEAM_ID}:C1:{ts}}}:lock")
-        queue = f"{harness.prefix}{{{TEAM_ID}:jobs}}:queue"
+        queue = harness.queue().queue_keys[stream_of(ThreadKey(TEAM_ID, "C1", ts))]
         (job,) = [dict(entry) for entry in await harness.redis.xpending_range(queue, "workers", "-", "+", 10)]
         await harness.slack.wait_for(lambda: bool(finished(harness, "C1", ts)), 10, "the whole answer")
     assert 0 < lock_ms <= 2000  # still held, 3 s into a 2 s lease: renewed

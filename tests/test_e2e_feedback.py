@@ -73,6 +73,7 @@ async def test_notices_and_answers_with_feedback_off_carry_no_buttons(harness: H
     assert feedback_buttons(notice) == []
 
 
+@pytest.mark.cluster
 async def test_each_persons_last_click_counts_once_and_usage_shows_the_rate(harness: Harness) -> None:
     harness.model.default_reply = Reply(text="an answer")
     async with harness.running(persona_admins="U9"):

@@ -141,6 +141,7 @@ async def test_files_it_cannot_read_are_named_first_in_the_reply_and_the_text_is
     assert [d.args["file"] for d in harness.slack.downloads()] == [scan["id"]]  # nothing over the limit
 
 
+@pytest.mark.cluster
 async def test_a_follow_up_about_an_earlier_image_shows_it_again_without_asking_slack(
     harness: Harness,
 ) -> None:
@@ -287,7 +288,7 @@ async def test_a_huge_document_is_cut_and_the_context_stays_within_the_budget(ha
     content = user_content(harness.model.requests[0])
     assert "[file: book.pdf, 300 pages; only its first 2,000 tokens]" in content
     assert "Page 0:" in content and "Page 299:" not in content
-    reservations = await harness.redis.hgetall(f"{harness.prefix}usage:{TEAM_ID}:" + _month())
+    reservations = await harness.redis.hgetall(f"{harness.prefix}{{{TEAM_ID}:usage}}:" + _month())
     assert int(reservations.get("pending:all:tokens", "0")) == 0  # settled
     assert int(reservations["all:prompt"]) == 3000
 
@@ -298,6 +299,7 @@ def _month() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m")
 
 
+@pytest.mark.cluster
 async def test_deleting_a_file_or_a_message_in_slack_removes_it_from_the_history(
     harness: Harness, counter: TiktokenCounter
 ) -> None:

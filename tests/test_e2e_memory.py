@@ -9,11 +9,11 @@ import datetime
 from typing import Any
 
 import orjson
+import pytest
 
 from bot.conversation import SUMMARIZING_NOTE
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
-from bot.jobs import JobQueue
 from bot.summaries import SUMMARIZER_PROMPT
 from bot.tokens import TiktokenCounter
 from bot.usage import month_of
@@ -40,9 +40,7 @@ async def long_thread(harness: Harness, counter: TiktokenCounter, count: int) ->
         ts = key.thread_ts if i == 0 else ""
         turns.append(Turn(role, text, counter.message_tokens(role, content), "o200k_base", ts, "U1", "alice"))
     await RedisHistory(harness.redis, counter, prefix=harness.prefix).seed(key, turns)
-    await JobQueue(harness.redis, prefix=harness.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3).join(
-        key
-    )
+    await harness.queue().join(key)
     harness.slack.add_message("C1", ts=key.thread_ts, user="U1", text=turns[0].text)
     return key, turns
 
@@ -53,6 +51,7 @@ async def ask(harness: Harness, key: ThreadKey, text: str, replies: int) -> None
     await harness.settled()
 
 
+@pytest.mark.cluster
 async def test_a_400_turn_thread_keeps_its_first_question_and_a_summary_of_the_middle_within_budget(
     harness: Harness, counter: TiktokenCounter
 ) -> None:
@@ -91,7 +90,7 @@ async def test_a_400_turn_thread_keeps_its_first_question_and_a_summary_of_the_m
     assert SUMMARIZING_NOTE in answers[0] and not any(SUMMARIZING_NOTE in a for a in answers[1:])
     # The summarizer's tokens are in usage, counted as summaries.
     usage = await harness.redis.hgetall(
-        f"{harness.prefix}usage:{TEAM_ID}:{month_of(datetime.datetime.now(datetime.UTC))}"
+        f"{harness.prefix}{{{TEAM_ID}:usage}}:{month_of(datetime.datetime.now(datetime.UTC))}"
     )
     assert int(usage["all:summaries"]) == len(summaries) and int(usage["all:replies"]) == 3
 

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bot.domain import ThreadKey
 from bot.params import PARAMS
 from tests.conftest import Harness
@@ -59,6 +61,7 @@ async def ask(harness: Harness, text: str, **kwargs: Any) -> dict[str, Any]:
     return {"ts": ts, **harness.model.requests[count]}
 
 
+@pytest.mark.cluster
 async def test_show_list_use_reset_and_the_model_follows(harness: Harness, tmp_path: Path) -> None:
     harness.slack.members["C1"] = ["U1", "U2"]
     async with harness.running(personas_file=personas_file(tmp_path)):
@@ -186,6 +189,7 @@ async def test_the_editor_validates_each_field_and_saves_only_valid_values(harne
     assert "top_p" not in request
 
 
+@pytest.mark.cluster
 async def test_a_thread_can_choose_its_persona_and_keeps_it(harness: Harness, tmp_path: Path) -> None:
     harness.slack.members["C1"] = ["U1"]
     async with harness.running(personas_file=personas_file(tmp_path)):
@@ -210,6 +214,7 @@ async def test_what_people_say_never_changes_the_configuration(harness: Harness)
     assert "the default persona" in shown
 
 
+@pytest.mark.cluster
 async def test_history_and_undo(harness: Harness, tmp_path: Path) -> None:
     harness.slack.members["C1"] = ["U1", "U2"]
     async with harness.running(personas_file=personas_file(tmp_path)):
@@ -225,6 +230,7 @@ async def test_history_and_undo(harness: Harness, tmp_path: Path) -> None:
     assert announcements(harness)[-1] == ":performing_arts: <@U1> set this channel's persona to *pirate*."
 
 
+@pytest.mark.cluster
 async def test_direct_messages_have_their_own_persona(harness: Harness) -> None:
     async with harness.running():
         await persona(harness, "set You are my private coach.", channel="D1")
@@ -385,7 +391,9 @@ async def test_a_failed_save_from_the_editor_is_told_to_whoever_saved(harness: H
     harness.slack.members["C1"] = ["U1"]
     harness.slack.fail["chat.postEphemeral"] = "not_in_channel"  # the bot may not post there: a DM then
     async with harness.running():
-        await harness.redis.set(f"{harness.prefix}persona:{TEAM_ID}:audit:C1", "not a list")  # Redis refuses
+        await harness.redis.set(
+            f"{harness.prefix}{{{TEAM_ID}:persona:C1}}:audit", "not a list"
+        )  # Redis refuses
         assert await harness.slack.send_interaction(editor_submission("U1", "C1", system_prompt="Hi.")) == {}
         await harness.slack.wait_for(
             lambda: any(c.args.get("channel") == "U1" for c in harness.slack.calls_to("chat.postMessage")),
@@ -397,6 +405,7 @@ async def test_a_failed_save_from_the_editor_is_told_to_whoever_saved(harness: H
     assert told.startswith("Your persona was not saved. I can't reach my memory store")
 
 
+@pytest.mark.cluster
 async def test_a_channel_retention_shortens_its_threads_old_and_new_and_is_shown(harness: Harness) -> None:
     harness.slack.members = {"C1": ["U1"]}
     async with harness.running():

@@ -45,7 +45,7 @@ def finished(harness: Harness, thread_ts: str) -> list[dict[str, Any]]:
 
 
 def usage_month(harness: Harness) -> str:
-    return f"{harness.prefix}usage:{TEAM_ID}:{datetime.datetime.now(datetime.UTC):%Y-%m}"
+    return f"{harness.prefix}{{{TEAM_ID}:usage}}:{datetime.datetime.now(datetime.UTC):%Y-%m}"
 
 
 async def test_ask_about_a_message_answers_in_its_thread_with_the_message_and_stores_nothing(
@@ -74,7 +74,7 @@ async def test_ask_about_a_message_answers_in_its_thread_with_the_message_and_st
     thread = f"{TEAM_ID}:C1:{root}"
     stored = [k async for k in harness.redis.scan_iter(match=f"{harness.prefix}{{{thread}}}:*")]
     assert stored == []  # no turns, no persona pin, no job progress left behind
-    assert not await harness.redis.exists(f"{harness.prefix}{{{TEAM_ID}:jobs}}:joined:{thread}")
+    assert not [k async for k in harness.redis.scan_iter(match=f"{harness.prefix}*:joined:{thread}")]
     used = await harness.redis.hgetall(usage_month(harness))
     assert int(used["ch:C1:replies"]) == 1 and int(used["u:U1:replies"]) == 1
 

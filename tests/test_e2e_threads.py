@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from bot.domain import Role, ThreadKey, Turn
 from bot.history import RedisHistory
-from bot.jobs import JobQueue
 from bot.tokens import TiktokenCounter
 from tests.conftest import Harness, next_ts
 from tests.fake_model import Reply
@@ -21,6 +22,7 @@ def contents(request: dict[str, object]) -> list[str]:
     return [m["content"] for m in request["messages"]]  # type: ignore[attr-defined]
 
 
+@pytest.mark.cluster
 async def test_mention_gets_a_threaded_streamed_answer_after_the_ack(harness: Harness) -> None:
     harness.model.script(Reply(text="Use CONFIG SET requirepass.", first_token_delay=0.3))
     async with harness.running():
@@ -40,6 +42,7 @@ async def test_mention_gets_a_threaded_streamed_answer_after_the_ack(harness: Ha
     assert request["messages"][-1] == {"role": "user", "content": "alice: how do I rotate a Redis password?"}
 
 
+@pytest.mark.cluster
 async def test_follow_up_without_mention_is_answered_with_the_thread_history(harness: Harness) -> None:
     harness.model.script(Reply(text="First answer."), Reply(text="Second answer."))
     async with harness.running():
@@ -68,6 +71,7 @@ async def test_thread_reply_where_the_bot_never_spoke_is_ignored(harness: Harnes
     )
 
 
+@pytest.mark.cluster
 async def test_mention_mid_thread_reads_the_thread_first(harness: Harness) -> None:
     parent = next_ts()
     harness.slack.add_message(
@@ -137,6 +141,7 @@ async def test_an_unseen_thread_within_the_limit_is_read_whole(harness: Harness)
     assert stored == [*(f"reply {n}" for n in range(1100)), "and now?", "answer 1"]
 
 
+@pytest.mark.cluster
 async def test_direct_messages_are_answered_without_mention_in_a_thread(harness: Harness) -> None:
     harness.model.script(Reply(text="DM answer 1"), Reply(text="DM answer 2"))
     async with harness.running():
@@ -153,6 +158,7 @@ async def test_direct_messages_are_answered_without_mention_in_a_thread(harness:
     ]
 
 
+@pytest.mark.cluster
 async def test_the_same_message_delivered_twice_is_answered_once(harness: Harness) -> None:
     async with harness.running():
         ts = await harness.say("once please", event_id="Ev1")
@@ -166,6 +172,7 @@ async def test_the_same_message_delivered_twice_is_answered_once(harness: Harnes
     assert {c.args["thread_ts"] for c in harness.slack.calls_to("chat.startStream")} == {ts, other}
 
 
+@pytest.mark.cluster
 async def test_two_messages_at_once_in_a_thread_are_answered_in_turn(harness: Harness) -> None:
     harness.model.script(
         Reply(text="first", first_token_delay=0.1), Reply(text="opening"), Reply(text="second")
@@ -185,6 +192,7 @@ async def test_two_messages_at_once_in_a_thread_are_answered_in_turn(harness: Ha
     assert harness.slack.calls_to("chat.startStream")[2].at > stops[1].at
 
 
+@pytest.mark.cluster
 async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_question(
     harness: Harness, counter: TiktokenCounter
 ) -> None:
@@ -200,9 +208,7 @@ async def test_a_long_thread_is_trimmed_to_the_budget_keeping_prompt_and_questio
             Turn(role, text, counter.message_tokens(role, content), "o200k_base", speaker_name="alice")
         )
     await history.seed(key, turns)
-    await JobQueue(harness.redis, prefix=harness.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3).join(
-        key
-    )  # a thread the bot takes part in
+    await harness.queue().join(key)  # a thread the bot takes part in
     harness.slack.add_message("C1", ts=key.thread_ts, user="U1", text="parent")
     async with harness.running(max_prompt_tokens=budget):
         await harness.say("what was the last number?", thread_ts=key.thread_ts, mention=False)

@@ -7,19 +7,22 @@ import asyncio
 import datetime
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import Harness
 from tests.fake_model import Reply
 from tests.fake_slack import TEAM_ID
 
 
 def month_key(harness: Harness) -> str:
-    return f"{harness.prefix}usage:{TEAM_ID}:{datetime.datetime.now(datetime.UTC):%Y-%m}"
+    return f"{harness.prefix}{{{TEAM_ID}:usage}}:{datetime.datetime.now(datetime.UTC):%Y-%m}"
 
 
 async def month(harness: Harness) -> dict[str, int]:
     return {str(k): int(v) for k, v in (await harness.redis.hgetall(month_key(harness))).items()}
 
 
+@pytest.mark.cluster
 async def test_usage_is_recorded_per_workspace_channel_user_model_and_day(harness: Harness) -> None:
     harness.model.script(Reply(text="hi", prompt_tokens=100, completion_tokens=20))
     async with harness.running():
@@ -34,7 +37,7 @@ async def test_usage_is_recorded_per_workspace_channel_user_model_and_day(harnes
         )
         assert figures[f"{scope}:micro_usd"] == 100 * 0.15 + 20 * 0.60  # gpt-4o-mini's default price
     assert "all:estimated" not in figures
-    day = f"{harness.prefix}usage:{TEAM_ID}:{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
+    day = f"{harness.prefix}{{{TEAM_ID}:usage}}:{datetime.datetime.now(datetime.UTC):%Y-%m-%d}"
     assert await harness.redis.hget(day, "all:prompt") == "100"
 
 
@@ -73,6 +76,7 @@ async def test_usage_command_shows_the_caller_and_admins_more(harness: Harness) 
     assert admin.index("<#C1>") < admin.index("<#C2>")  # top channels, largest first
 
 
+@pytest.mark.cluster
 async def test_budgets_notice_at_80_percent_then_refuse_saying_when_they_reset(harness: Harness) -> None:
     harness.model.default_reply = Reply(text="ok", prompt_tokens=100, completion_tokens=20)
     async with harness.running(budget_channel_tokens=150):
@@ -106,6 +110,7 @@ async def test_a_usd_budget_per_user(harness: Harness) -> None:
     assert "monthly USD budget for this user is used up" in harness.answers()[1]
 
 
+@pytest.mark.cluster
 async def test_two_requests_at_the_edge_overshoot_by_at_most_one_reply(harness: Harness) -> None:
     harness.model.default_reply = Reply(
         text="slow", prompt_tokens=100, completion_tokens=20, first_token_delay=0.5
