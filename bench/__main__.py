@@ -26,7 +26,7 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from bench import context, files, jobs, live, load, memory
+from bench import cluster, context, files, jobs, live, load, memory
 from bot.settings import Settings
 from bot.tokens import TiktokenCounter, load_encoding
 
@@ -42,6 +42,7 @@ SCENARIOS = [
     "7. files",
     "8. long threads",
     "9. load",
+    "10. redis cluster",
 ]
 
 
@@ -136,6 +137,7 @@ async def main(quick: bool, before: Path | None = None, before_rev: str | None =
         lambda: files.image_cache(url, prefix, quick=quick),
         lambda: memory.run(url, prefix, counter, quick=quick),
         lambda: load.run(url, prefix, quick=quick, before=before),
+        lambda: cluster.run(url, prefix, counter, quick=quick),
     ]
     rows: list[dict[str, Any]] = []
     started = time.monotonic()

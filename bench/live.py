@@ -16,9 +16,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from bench.corpus import answer, message
 from bot.domain import Role, ThreadKey, Turn
@@ -94,6 +95,12 @@ class LiveBot:
         await self.model.close()
         await self.slack.close()
 
+    def redis(self) -> redis.Redis:
+        """A client of the bot's Redis: the cluster client when the bot was told it is a cluster."""
+        if self.env.get("REDIS_CLUSTER") == "true":
+            return cast(redis.Redis, RedisCluster.from_url(self.redis_url, decode_responses=True))
+        return redis.Redis.from_url(self.redis_url, decode_responses=True)
+
     def _worker_pids(self) -> list[int]:
         assert self.process is not None
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text()
@@ -110,13 +117,17 @@ class LiveBot:
         return used(self.process.pid), sum(used(pid) for pid in self._worker_pids())
 
     async def redis_cpu_seconds(self) -> float:
-        """CPU time the Redis server has used so far (``INFO cpu``)."""
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        """CPU time the Redis server (every node of a cluster) has used so far (``INFO cpu``)."""
+        client = self.redis()
         try:
-            info = await client.info("cpu")
+            if isinstance(client, RedisCluster):
+                nodes: Any = await client.info("cpu", target_nodes=RedisCluster.ALL_NODES)
+                infos = list(nodes.values())
+            else:
+                infos = [await client.info("cpu")]
         finally:
             await client.aclose()
-        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+        return sum(float(info["used_cpu_sys"]) + float(info["used_cpu_user"]) for info in infos)
 
     def peak_rss_mb(self) -> float:
         """The largest peak resident memory of the bot's process and the worker processes it started."""
@@ -160,7 +171,7 @@ class LiveBot:
 
     async def seed_threads(self, counter: TiktokenCounter, channels: list[str], depth: int) -> dict[str, str]:
         """Threads the bot already takes part in, ``depth`` turns deep; channel -> thread ts."""
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        client = self.redis()
         history = RedisHistory(client, counter, prefix=self.prefix)
         queue = JobQueue(client, prefix=self.prefix, team=TEAM_ID, lease_seconds=10, max_attempts=3)
         rng = random.Random(3)

@@ -27,7 +27,7 @@ import redis.asyncio as redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from bot.errors import BotError, ConfigError, HistoryError
 
@@ -48,7 +48,9 @@ def redis_errors(action: str) -> Iterator[None]:
     """Turn any Redis failure into a ``HistoryError`` naming what the bot was doing."""
     try:
         yield
-    except RedisError as exc:
+    # redis-py's cluster errors raised before a command is sent (no node for a slot, a transaction over
+    # two slots) are not RedisErrors.
+    except (RedisError, RedisClusterException) as exc:
         raise HistoryError(f"Redis failed while {action}: {type(exc).__name__}: {exc}") from exc
 
 
@@ -128,8 +130,7 @@ async def open_redis(
             )
             stack.push_async_callback(nodes.aclose)
             with redis_errors("connecting to the cluster"):
-                await nodes.initialize()
-                await nodes.ping(target_nodes=RedisCluster.ALL_NODES)
+                await nodes.initialize()  # learns the slots' nodes; ``check`` pings every one of them
             yield cast(redis.Redis, nodes)
             return
         # Under load, waiting briefly for a free connection beats failing: the default pool raises at its

@@ -272,6 +272,11 @@ class PrivateRedisCluster:
             with self._client(port) as node:
                 node.config_resetstat()
 
+    def kill_node(self, index: int) -> None:
+        """One node dies (SIGKILL); the others keep its slots' map."""
+        self._processes[index].kill()
+        self._processes[index].wait(10)
+
     def stop(self) -> None:
         for process in self._processes:
             if process.poll() is None:

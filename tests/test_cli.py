@@ -16,16 +16,22 @@ from bot.ingress import EVENTS_PATH
 from bot.settings import Settings
 from bot.slack import REQUIRED_SCOPES
 from tests.conftest import Harness
-from tests.procs import clean_env, free_port
+from tests.procs import PrivateRedisCluster, clean_env, free_port
 
 
 async def test_bad_settings_stop_start_up_with_every_problem_listed(tmp_path: object) -> None:
-    env = clean_env(MAX_PROMPT_TOKENS="lots", STREAM_MODE="sideways", SLACK_APP_TOKEN="not-an-app-token")
+    env = clean_env(
+        MAX_PROMPT_TOKENS="lots",
+        STREAM_MODE="sideways",
+        SLACK_APP_TOKEN="not-an-app-token",
+        REDIS_CLUSTER="true",
+    )
     env["PYTHONPATH"] = os.getcwd()
     code, stderr = await run_command(env, "run", cwd=str(tmp_path))
     assert code == 2
     for name in ("MAX_PROMPT_TOKENS", "STREAM_MODE", "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "OPENAI_API_KEY"):
         assert name in stderr
+    assert "REDIS_CLUSTER is true but REDIS_URL is not a redis:// or rediss:// address" in stderr
     assert "Traceback" not in stderr
 
 
@@ -128,6 +134,7 @@ async def test_models_lists_the_endpoints_models_with_the_one_in_use_marked(
     assert code == 1 and "unavailable" in output and "Traceback" not in output
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("model_lookup", [True, False], ids=["openai", "listing-only-like-vllm"])
 async def test_check_passes_when_everything_is_in_place(
     harness: Harness, tmp_path: object, model_lookup: bool
@@ -136,6 +143,12 @@ async def test_check_passes_when_everything_is_in_place(
     code, output = await run_command(harness.env(), "check", cwd=str(tmp_path))
     lines = output.strip().splitlines()
     assert code == 0, output
+    (redis_line,) = [line for line in lines if line.startswith("ok   redis")]
+    if harness.cluster:
+        assert "a cluster (from redis://127.0.0.1:" in redis_line
+        assert "3 primaries and 0 replicas, all answering; writable" in redis_line
+    else:
+        assert "a single server" in redis_line and "is reachable and writable" in redis_line
     assert [line.split(":")[0] for line in lines if not line.startswith(("2", " "))] == [
         "ok   settings",
         "ok   tokenizer",
@@ -182,6 +195,21 @@ async def test_check_names_each_failure_and_exits_non_zero(
     code, output = await run_command(env, "check", cwd=str(tmp_path))
     assert code == 1
     assert any(line.startswith(expected) for line in output.splitlines()), output
+    assert "Traceback" not in output
+
+
+async def test_check_names_the_cluster_node_that_does_not_answer(harness: Harness, tmp_path: Path) -> None:
+    cluster = PrivateRedisCluster(tmp_path / "cluster")
+    cluster.start()
+    try:
+        cluster.kill_node(2)
+        env = harness.env(REDIS_URL=cluster.url, REDIS_CLUSTER="true")
+        code, output = await run_command(env, "check", cwd=str(tmp_path))
+    finally:
+        cluster.stop()
+    (redis_line,) = [line for line in output.splitlines() if line.startswith("FAIL redis")]
+    assert code == 1
+    assert f"1 of 3 cluster nodes do not answer: 127.0.0.1:{cluster.ports[2]}" in redis_line, output
     assert "Traceback" not in output
 
 
