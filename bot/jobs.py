@@ -200,9 +200,9 @@ def stream_key(prefix: str, team: str, stream: int, part: str) -> str:
     return f"{prefix}{{{tag}}}:{part}"
 
 
-def joined_key(prefix: str, key: ThreadKey) -> str:
-    """The marker of a thread the bot takes part in, in the thread's stream."""
-    return stream_key(prefix, key.team, stream_of(key), f"joined:{key.team}:{key.channel}:{key.thread_ts}")
+def joined_key(prefix: str, team: str, key: ThreadKey) -> str:
+    """The marker of a thread the bot (of workspace ``team``) takes part in, in the thread's stream."""
+    return stream_key(prefix, team, stream_of(key), f"joined:{key.team}:{key.channel}:{key.thread_ts}")
 
 
 def joined_pattern(prefix: str, team: str, channel: str) -> str:
@@ -242,7 +242,7 @@ class JobQueue:
         return stream_key(self._prefix, self._team, stream, part)
 
     def _joined(self, key: ThreadKey) -> str:
-        return joined_key(self._prefix, key)
+        return joined_key(self._prefix, self._team, key)
 
     async def accept(self, work: Incoming | Change | Shortcut) -> Acceptance:
         """Queue a job for ``work`` if it concerns the bot and was not queued before: a message addressed

@@ -49,7 +49,7 @@ async def upgrade_keys(client: redis.Redis, prefix: str, team: str) -> int:
         old_prefix = f"{prefix}{{{team}:jobs}}:joined:{team}:"
         for old in await keys_matching(client, glob_escape(old_prefix) + "*"):
             channel, _, thread_ts = old[len(old_prefix) :].partition(":")
-            renames[old] = joined_key(prefix, ThreadKey(team, channel, thread_ts))
+            renames[old] = joined_key(prefix, team, ThreadKey(team, channel, thread_ts))
         renamed = 0
         for old, new in renames.items():
             if old == new:

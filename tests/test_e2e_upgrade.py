@@ -27,7 +27,7 @@ async def test_an_earlier_versions_keys_are_renamed_and_the_bot_goes_on_with_the
         f"{p}{{{TEAM_ID}:persona:C1}}:audit": f"{p}persona:{TEAM_ID}:audit:C1",
         f"{p}{{{TEAM_ID}:usage}}:{month}": f"{p}usage:{TEAM_ID}:{month}",
         f"{p}{{{TEAM_ID}:usage}}:{day}": f"{p}usage:{TEAM_ID}:{day}",
-        joined_key(p, key): f"{p}{{{TEAM_ID}:jobs}}:joined:{TEAM_ID}:C1:{thread}",
+        joined_key(p, TEAM_ID, key): f"{p}{{{TEAM_ID}:jobs}}:joined:{TEAM_ID}:C1:{thread}",
     }
     async with harness.running():
         await ask(harness, "the first question", ts=thread)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
 import redis.asyncio as redis
 
 from bot.domain import JobProgress, ThreadKey, Turn
@@ -12,6 +13,10 @@ from bot.history import PROGRESS_SECONDS, RedisHistory
 from bot.tokens import TiktokenCounter
 
 KEY = ThreadKey("T9", "C9", "1700000000.000001")
+
+
+# Every test here runs on the single server and on the Redis Cluster.
+pytestmark = pytest.mark.cluster
 
 
 def turn(counter: TiktokenCounter, i: int, encoding: str = "o200k_base") -> Turn:

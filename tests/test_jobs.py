@@ -6,10 +6,14 @@ import asyncio
 from typing import Any
 
 import orjson
+import pytest
 import redis.asyncio as redis
 
 from bot.domain import Incoming, ThreadKey
 from bot.jobs import DEDUP_SECONDS, GROUP, JOB_STREAMS, Acceptance, JobQueue, stream_of
+
+# Every test here runs on the single server and on the Redis Cluster.
+pytestmark = pytest.mark.cluster
 
 
 def message(
