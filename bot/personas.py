@@ -5,9 +5,10 @@ its first message asked for (``persona:NAME``), else the channel's (set from Sla
 mapping in ``PERSONAS_FILE``, else the default (``SYSTEM_PROMPT``).
 
 ``PERSONAS_FILE`` is YAML, validated at start-up; every problem in it is reported at once as a
-``ConfigError``. Personas made in Slack live in Redis per workspace (``sgb:persona:{T}:...``): named
-personas (they shadow a file persona of the same name), each channel's assignment with who set it and
-when, and an audit list per channel that ``/persona history`` and ``/persona undo`` read. Nothing is
+``ConfigError``. Personas made in Slack live in Redis per workspace: named personas
+(``sgb:persona:T:named``; they shadow a file persona of the same name), and each channel's assignment
+with who set it and when, beside an audit list that ``/persona history`` and ``/persona undo`` read
+(``sgb:{T:persona:C}:channel`` and ``:audit``, one hash tag: one Redis Cluster slot). Nothing is
 cached in-process, so every replica sees a change at once.
 
     personas:
@@ -311,11 +312,9 @@ class PersonaStore:
     async def forget_channel(self, team: str, channel: str) -> None:
         """``/forget channel``: the channel's persona set in Slack and its history."""
         with redis_errors("forgetting a channel's persona"):
-            for key in (
-                self._channel_key(team, channel, "channel"),
-                self._channel_key(team, channel, "audit"),
-            ):
-                await self._redis.delete(key)  # one slot each
+            await self._redis.delete(
+                self._channel_key(team, channel, "channel"), self._channel_key(team, channel, "audit")
+            )
 
     def _pin(self, key: ThreadKey) -> str:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:persona"

@@ -72,7 +72,7 @@ class Worker:
         self._running: dict[JobRef, asyncio.Task[None]] = {}
         self._waiting: collections.deque[Job] = collections.deque()  # taken beyond the room, next to run
         self._finishing: set[JobRef] = set()  # running jobs that are acknowledged or being dead-lettered
-        self._room = asyncio.Event()  # set when a job ends (or the worker stops): readers look again
+        self._room = asyncio.Event()  # set when room frees (or the worker stops): readers look again
         self._last_read = float("-inf")
 
     def consuming(self) -> bool:
@@ -81,6 +81,12 @@ class Worker:
 
     def _room_left(self) -> int:
         return self._concurrency - len(self._running) - len(self._waiting)
+
+    def _make_room(self) -> None:
+        # Wakes the readers waiting for room only when there is some: a job ending in a full worker
+        # whose readers have all asked already wakes nobody.
+        if self._room_left() > 0:
+            self._room.set()
 
     async def run(self, stop: asyncio.Event, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Answer jobs until ``stop`` is set, then let running ones finish for ``grace_seconds``."""
@@ -101,15 +107,17 @@ class Worker:
         stopping = asyncio.create_task(stop.wait())
         stopping.add_done_callback(lambda _: self._room.set())
         try:
-            await asyncio.gather(
-                self._reclaim_now_and_then(stop, stopping),
-                *(self._read(stream, stop, stopping) for stream in self._queue.streams),
-            )
+            async with asyncio.TaskGroup() as readers:  # one failing stops the others
+                readers.create_task(self._reclaim_now_and_then(stop, stopping))
+                for stream in self._queue.streams:
+                    readers.create_task(self._read(stream, stop, stopping))
         finally:
             stopping.cancel()
 
     async def _read(self, stream: int, stop: asyncio.Event, stopping: asyncio.Task[bool]) -> None:
-        """New jobs of one stream, as many as this stream's share of the room left."""
+        """New jobs of one stream, as many as this stream's share of the room left (at least one: no
+        stream waits for another's read to end, so the readers may together bring a few more jobs than
+        the room, which then wait here)."""
         delay = 0.1
         group_ready = False
         share = len(self._queue.streams)
@@ -169,7 +177,7 @@ class Worker:
             self._finishing.discard(job.ref)
             if self._waiting:
                 self._launch(self._waiting.popleft())
-            self._room.set()
+            self._make_room()
 
         task.add_done_callback(ended)
 
