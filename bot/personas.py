@@ -174,6 +174,13 @@ class Change:
     action: str  # "use", "set", "edit", "reset", "undo"
 
 
+def channel_key(prefix: str, team: str, channel: str, kind: str) -> str:
+    """Where a channel's persona (``kind`` "channel") or its audit ("audit") lives."""
+    # The two share the tag {T:persona:C}: one Redis Cluster slot, so the MULTI that changes the one
+    # and records it in the other is legal there.
+    return f"{prefix}{{{team}:persona:{channel}}}:{kind}"
+
+
 class PersonaStore:
     """Implements ``domain.PersonaSource``: file personas plus those made in Slack, kept in Redis."""
 
@@ -193,9 +200,7 @@ class PersonaStore:
         return ":".join([f"{self._prefix}persona", team, *parts])
 
     def _channel_key(self, team: str, channel: str, kind: str) -> str:
-        # A channel's persona and its audit share the tag {T:persona:C}: one Redis Cluster slot, so the
-        # MULTI that changes the one and records it in the other is legal there.
-        return f"{self._prefix}{{{team}:persona:{channel}}}:{kind}"
+        return channel_key(self._prefix, team, channel, kind)
 
     async def named(self, team: str) -> dict[str, tuple[Persona, str]]:
         """Every named persona -> (persona, "file" or "slack"); a Slack one shadows a file one."""

@@ -23,7 +23,9 @@ import redis.asyncio as redis
 
 from bot.domain import ThreadKey
 from bot.jobs import joined_key
+from bot.personas import channel_key
 from bot.redis_client import glob_escape, is_cluster, keys_matching, redis_errors
+from bot.usage import usage_key
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,10 @@ async def upgrade_keys(client: redis.Redis, prefix: str, team: str) -> int:
         for kind in ("channel", "audit"):
             old_prefix = f"{prefix}persona:{team}:{kind}:"
             for old in await keys_matching(client, glob_escape(old_prefix) + "*"):
-                renames[old] = f"{prefix}{{{team}:persona:{old[len(old_prefix) :]}}}:{kind}"
+                renames[old] = channel_key(prefix, team, old[len(old_prefix) :], kind)
         old_prefix = f"{prefix}usage:{team}:"
         for old in await keys_matching(client, glob_escape(old_prefix) + "*"):
-            renames[old] = f"{prefix}{{{team}:usage}}:{old[len(old_prefix) :]}"
+            renames[old] = usage_key(prefix, team, old[len(old_prefix) :])
         old_prefix = f"{prefix}{{{team}:jobs}}:joined:{team}:"
         for old in await keys_matching(client, glob_escape(old_prefix) + "*"):
             channel, _, thread_ts = old[len(old_prefix) :].partition(":")

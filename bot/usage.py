@@ -146,6 +146,13 @@ def next_month(now: datetime.datetime) -> str:
     return first.strftime("%Y-%m-%d")
 
 
+def usage_key(prefix: str, team: str, period: str) -> str:
+    """Where workspace ``team``'s usage of ``period`` (a month, a day, a notice marker) lives."""
+    # Every period's hash (and budget notice marker) carries the tag {T:usage}: the script that
+    # records a reply in the month and the day touches one Redis Cluster slot.
+    return f"{prefix}{{{team}:usage}}:{period}"
+
+
 class RedisUsage:
     """Implements ``domain.UsageLedger``: usage and cost per workspace, channel, user, model and day."""
 
@@ -160,9 +167,7 @@ class RedisUsage:
         self._record = client.register_script(_RECORD)
 
     def key(self, team: str, period: str) -> str:
-        # Every period's hash (and budget notice marker) carries the tag {T:usage}: the script that
-        # records a reply in the month and the day touches one Redis Cluster slot.
-        return f"{self._prefix}{{{team}:usage}}:{period}"
+        return usage_key(self._prefix, team, period)
 
     async def reserve(self, key: ThreadKey, user: str, model: str, tokens: int) -> BudgetCheck:
         """May a reply of up to ``tokens`` run? Reserves them when it may."""
