@@ -198,6 +198,10 @@ async def test_two_worker_processes_answer_every_job_exactly_once(harness: Harne
     async with harness.running(workers=0):
         workers = [await BotProcess(env, "worker", cwd=tmp_path).start() for _ in range(2)]
         try:
+            # Both must be reading before the questions come, or the first one up answers them all.
+            await harness.slack.wait_for(
+                lambda: all("worker ready" in w.log() for w in workers), 30, "both workers ready"
+            )
             threads = [await harness.say(f"question {i}", channel=f"C{i}") for i in range(20)]
             await harness.slack.wait_for(
                 lambda: all(finished(harness, f"C{i}", ts) for i, ts in enumerate(threads)), 60, "20 answers"
