@@ -116,6 +116,17 @@ class LiveBot:
 
         return used(self.process.pid), sum(used(pid) for pid in self._worker_pids())
 
+    async def idle(self, quiet: float = 0.25, timeout: float = 120) -> None:  # noqa: ASYNC109
+        """Until the bot's processes use under 5% of a core over ``quiet`` seconds: work it does after a
+        reply (a summary) is over, and does not run into the next measurement."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            before = sum(self.cpu_seconds())
+            await asyncio.sleep(quiet)
+            if sum(self.cpu_seconds()) - before < 0.05 * quiet:
+                return
+        raise TimeoutError(f"the bot was still busy after {timeout:.0f} s")
+
     async def redis_cpu_seconds(self) -> float:
         """CPU time the Redis server (every node of a cluster) has used so far (``INFO cpu``)."""
         client = self.redis()
@@ -447,6 +458,9 @@ async def first_mention(
                         bot.slack.add_message(
                             channel, ts=bot.slack.next_ts(), user=user, text=message(rng), thread_ts=parent
                         )
+                    # The summary of the thread before (the turns its context left out) is written
+                    # after its reply; measured during it, a sample would time the two together.
+                    await bot.idle()
                     done = len(bot.slack.calls_to("chat.stopStream"))
                     _, big_at = await bot.send(channel, "summarize this thread", thread_ts=parent)
                     await bot.replies(done + 1, 120)
