@@ -98,6 +98,7 @@ _ANSWERABLE_SUBTYPES = {None, "file_share", "thread_broadcast"}
 # Messages worth remembering when reading a thread back: those, and other bots' posts.
 _READABLE_SUBTYPES = _ANSWERABLE_SUBTYPES | {"bot_message"}
 _MARKUP = re.compile(r"<([^<>]+)>")
+_SPACES = re.compile(r"[ \t]{2,}")
 _markdown = MarkdownIt("commonmark")
 
 
@@ -476,12 +477,18 @@ def readable_markup(text: str, names: Mapping[str, str], bot_user_id: str) -> st
             return label or target.removeprefix("mailto:")
         return f"{label} ({target})" if label and label != target else target
 
-    cleaned = _MARKUP.sub(replace, text)
-    return html.unescape(re.sub(r"[ \t]{2,}", " ", cleaned)).strip()
+    # Most messages have no markup, no entity and no run of spaces: each step runs only when it can
+    # change something (a thread read from Slack passes every message here).
+    cleaned = _MARKUP.sub(replace, text) if "<" in text else text
+    if "  " in cleaned or "\t" in cleaned:
+        cleaned = _SPACES.sub(" ", cleaned)
+    return (html.unescape(cleaned) if "&" in cleaned else cleaned).strip()
 
 
 def mentioned_users(text: str) -> set[str]:
     """User ids mentioned with ``<@U…>`` in Slack markup (well-formed ones only)."""
+    if "<@" not in text:
+        return set()
     found = {m.group(1).partition("|")[0][1:] for m in _MARKUP.finditer(text) if m.group(1).startswith("@")}
     return {user for user in found if is_slack_id(user)}
 

@@ -22,7 +22,7 @@ from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
 from bot.places import ChannelSet
 from bot.settings import Serving, Settings, load_settings
-from bot.slack import parse_event, readable_markup, split_message
+from bot.slack import mentioned_users, parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
 
 BOT = "UBOT"
@@ -156,10 +156,20 @@ def test_parse_event_dedup_key_is_the_same_for_app_mention_and_message_events() 
         ("<!here> heads up", "@here heads up"),
         ("ping <!subteam^S1|@team>", "ping @team"),
         ("a &amp; b &lt;c&gt;", "a & b <c>"),
+        # Text without markup, entities or runs of blanks comes back as it was, only stripped.
+        ("  plain words, nothing to change ", "plain words, nothing to change"),
+        ("two  spaces,\ta tab and\t\ttwo", "two spaces,\ta tab and two"),
+        ("a \t blank run", "a blank run"),
+        ("ask <@U123>  twice", "ask @Alice twice"),
     ],
 )
 def test_readable_markup(markup: str, expected: str) -> None:
     assert readable_markup(markup, {"U123": "Alice"}, BOT) == expected
+
+
+def test_mentioned_users_only_well_formed_mentions() -> None:
+    assert mentioned_users("no mention at all, not even @U123") == set()
+    assert mentioned_users("<@U123> and <@U9|bob>, not <#C1|general> or <@bad id>") == {"U123", "U9"}
 
 
 # bot.slack.split_message -------------------------------------------------------------------------------
