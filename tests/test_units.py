@@ -16,7 +16,7 @@ import openai
 import pytest
 import tiktoken
 
-from bot.domain import Persona, ThreadKey
+from bot.domain import Persona, StreamEnd, ThreadKey
 from bot.errors import ConfigError
 from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
@@ -24,6 +24,7 @@ from bot.places import ChannelSet
 from bot.settings import Serving, Settings, load_settings
 from bot.slack import mentioned_users, parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
+from tests.fake_model import FakeModel, Reply
 
 BOT = "UBOT"
 TEAM = "T1"
@@ -732,6 +733,36 @@ def test_request_max_completion_tokens_falls_back_to_max_reply_tokens(client: op
     assert chat.request(MESSAGES, Persona("short", "Be brief.", max_tokens=20))["max_completion_tokens"] == 20
 
 
+@pytest.mark.parametrize("seed", [42, 2**70], ids=["plain", "an-integer-orjson-refuses"])
+async def test_a_stream_sends_its_body_to_the_endpoint_url_and_reads_the_answer(seed: int) -> None:
+    # The body goes out as JSON made by orjson, or by the client's json for what orjson cannot encode
+    # (an integer beyond 64 bits); the URL is the base URL's, with its path kept.
+    model = FakeModel()
+    await model.start()
+    model.script(Reply(text="Short answer.", chunk_size=4))
+    try:
+        async with make_client(
+            api_key="sk-test",
+            base_url=model.base_url,
+            organization=None,
+            project=None,
+            timeout_seconds=5,
+            max_retries=0,
+        ) as client:
+            chat = OpenAIChat(client, defaults=Persona("settings", "", model="gpt-4o-mini"))
+            persona = Persona("default", "Be brief.", seed=seed)
+            pieces = [piece async for piece in chat.stream(MESSAGES, persona)]
+    finally:
+        await model.close()
+
+    assert "".join(p for p in pieces if isinstance(p, str)) == "Short answer."
+    assert isinstance(pieces[-1], StreamEnd) and pieces[-1].finish_reason == "stop"
+    assert model.requests[0]["messages"] == MESSAGES
+    assert model.requests[0]["seed"] == seed
+    assert model.request_paths == ["/v1/chat/completions"]
+    assert model.request_headers[0]["content-type"] == "application/json"
+
+
 _REQUEST = httpx2.Request("POST", "https://api.example.test/v1/chat/completions")
 
 
@@ -789,3 +820,4 @@ def test_persona_and_settings_declare_exactly_the_chat_parameters_with_their_ran
             assert declared.annotation is param.annotation and declared.default == "gpt-4o-mini"
         else:
             assert declared.annotation == param.annotation | None and declared.default is None, param.name
+
