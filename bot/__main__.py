@@ -103,7 +103,7 @@ async def _check(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     from bot.observability import configure_logging
-    from bot.processes import run, run_worker
+    from bot.processes import freeze_startup_objects, run, run_worker
     from bot.services import open_services
 
     serving: Serving = "worker" if args.command == "worker" else "http" if args.http else "socket"
@@ -117,7 +117,13 @@ async def _serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     async with open_services(settings) as services:
         if args.command == "worker":
-            await run_worker(services, host=args.host, metrics_port=args.metrics_port, stop=stop)
+            await run_worker(
+                services,
+                host=args.host,
+                metrics_port=args.metrics_port,
+                stop=stop,
+                on_ready=freeze_startup_objects,
+            )
             return
         await run(
             services,
@@ -128,6 +134,7 @@ async def _serve(args: argparse.Namespace) -> None:
             metrics_port=args.metrics_port,
             stop=stop,
             environ=os.environ,
+            on_ready=freeze_startup_objects,  # this process is the bot's alone; the tests run it in theirs
         )
 
 

@@ -3,10 +3,12 @@ token counting and offline encodings, and the OpenAI request and error mapping."
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import random
 import re
+import weakref
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from bot.errors import ConfigError
 from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
 from bot.places import ChannelSet
+from bot.processes import freeze_startup_objects
 from bot.settings import Serving, Settings, load_settings
 from bot.slack import mentioned_users, parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
@@ -821,3 +824,26 @@ def test_persona_and_settings_declare_exactly_the_chat_parameters_with_their_ran
         else:
             assert declared.annotation == param.annotation | None and declared.default is None, param.name
 
+
+# bot.processes -----------------------------------------------------------------------------------------
+
+
+def test_freezing_at_start_up_keeps_what_lives_and_collects_the_garbage_first() -> None:
+    class Node:
+        def __init__(self) -> None:
+            self.other: Node | None = None
+
+    kept = Node()
+    garbage, partner = Node(), Node()
+    garbage.other, partner.other = partner, garbage  # a cycle only the collector can free
+    gone = weakref.ref(garbage)
+    del garbage, partner
+    gc.disable()  # no collection of its own between here and the freeze
+    try:
+        freeze_startup_objects()
+        assert gone() is None  # collected, not frozen for good
+        assert gc.get_freeze_count() > 0
+        assert not any(o is kept for o in gc.get_objects())  # frozen: out of the collector's passes
+    finally:
+        gc.unfreeze()
+        gc.enable()
