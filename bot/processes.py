@@ -33,7 +33,7 @@ RESTART_DELAY_SECONDS = 1.0
 
 def freeze_startup_objects() -> None:
     """Take what start-up built (modules, clients, settings: about 150,000 objects) out of the garbage
-    collector's full passes, which otherwise walk all of it and stall every reply in flight for 40-60
+    collector's full passes, which otherwise walk all of it and stall every reply in flight for 36-62
     ms each in the bench (bench/RESULTS.md). It lives as long as the process anyway; the garbage of
     start-up is collected first, or it would be kept for good. Once per process, when it is ready."""
     gc.collect()
