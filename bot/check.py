@@ -83,7 +83,8 @@ async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
 
             async def redis_writable() -> str:
                 # A cluster's nodes first: a write lands on one node only, and may hit the silent one.
-                nodes = await cluster_nodes(client) if is_cluster(client) else ""
+                cluster = is_cluster(client)
+                nodes = await cluster_nodes(client) if cluster else ""
                 key = f"{settings.redis_prefix}check:{uuid.uuid4().hex}"
                 with redis_errors("checking Redis"):
                     await client.set(key, "1", ex=10)
@@ -92,7 +93,7 @@ async def run_checks(settings: Settings, *, http: bool) -> list[Check]:
                 if not ok:
                     raise BotError("wrote a key but could not read it back")
                 where = redacted(settings.redis_url) if settings.redis_url else "the embedded server"
-                if not is_cluster(client):
+                if not cluster:
                     return f"a single server, {where}, is reachable and writable"
                 return f"a cluster (from {where}): {nodes}; writable"
 
