@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as redis
+from redis.asyncio.lock import Lock
 from redis.exceptions import LockError, RedisError
 
 from bot.domain import (
@@ -45,8 +46,10 @@ NAME_CACHE_SECONDS = 24 * 3600
 # A job's progress matters only while it can still be retried; its worker deletes it once done.
 PROGRESS_SECONDS = 3600
 LOCK_WAIT_SECONDS = 180.0
-# How often a reply waiting for its thread retries: a follow-up often arrives while the previous reply is
-# still storing its answer, a few milliseconds from release.
+# How a reply waiting for its thread retries: first after a millisecond, because a follow-up often arrives
+# while the previous reply is still storing its answer, a round trip or two from release; then twice as
+# long each time up to 10 ms, so a thread held for a long answer costs at most 100 tries a second.
+LOCK_FIRST_POLL_SECONDS = 0.001
 LOCK_POLL_SECONDS = 0.01
 # Store a job's question (or answer) once, however often the job is tried: the job's progress hash says
 # whether it was stored, in the same step. Past the cap, the oldest turns go but the thread's first
@@ -104,6 +107,19 @@ class StoredSummary:
     generation: str
 
 
+async def _acquire(lock: Lock, wait_seconds: float) -> bool:
+    """Take ``lock``, retrying after 1, 2, 4, 8, then every 10 ms; False after ``wait_seconds``."""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + wait_seconds
+    pause = LOCK_FIRST_POLL_SECONDS
+    while not await lock.acquire(blocking=False):
+        if loop.time() + pause > give_up_at:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, LOCK_POLL_SECONDS)
+    return True
+
+
 def _encode(turn: Turn) -> str:
     # orjson: decoding the kept turns is most of what building a context costs.
     data: dict[str, Any] = {
@@ -157,6 +173,7 @@ class RedisHistory:
         ttl_seconds: int = 30 * 24 * 3600,
         max_turns: int = 10000,
         lock_lease_seconds: float = 10.0,
+        lock_wait_seconds: float = LOCK_WAIT_SECONDS,
         retention: Callable[[ThreadKey], Awaitable[int]] | None = None,
     ) -> None:
         self._redis = client
@@ -166,6 +183,7 @@ class RedisHistory:
         self._retention = retention  # a channel's own, shorter, lifetime for its threads
         self._max_turns = max_turns
         self._lock_lease = lock_lease_seconds
+        self._lock_wait = lock_wait_seconds
         self._store_once = client.register_script(_STORE_ONCE)
         self._save_summary = client.register_script(_SAVE_SUMMARY)
         self._keep_counts_script = client.register_script(_KEEP_COUNTS)
@@ -181,15 +199,10 @@ class RedisHistory:
     async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
         """Hold the thread (SET NX PX, compare-and-delete release), renewing the short lease while held,
         so a holder that dies frees the thread within one lease."""
-        lock = self._redis.lock(
-            self._key(key, "lock"),
-            timeout=self._lock_lease,
-            sleep=LOCK_POLL_SECONDS,
-            blocking_timeout=LOCK_WAIT_SECONDS,
-        )
+        lock = self._redis.lock(self._key(key, "lock"), timeout=self._lock_lease)
         with redis_errors("locking a thread"):
-            if not await lock.acquire():
-                raise ThreadBusy(f"thread {key} stayed locked for {LOCK_WAIT_SECONDS:.0f}s")
+            if not await _acquire(lock, self._lock_wait):
+                raise ThreadBusy(f"thread {key} stayed locked for {self._lock_wait:.0f}s")
         renewal = asyncio.create_task(self._renew(lock))
         try:
             yield
@@ -198,7 +211,7 @@ class RedisHistory:
             with contextlib.suppress(LockError, RedisError):
                 await lock.release()
 
-    async def _renew(self, lock: Any) -> None:
+    async def _renew(self, lock: Lock) -> None:
         while True:
             await asyncio.sleep(self._lock_lease / 3)
             try:

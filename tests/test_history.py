@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 
 import pytest
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 
 from bot.domain import JobProgress, ThreadKey, Turn
+from bot.errors import ThreadBusy
 from bot.history import PROGRESS_SECONDS, RedisHistory
 from bot.tokens import TiktokenCounter
 
@@ -146,6 +149,46 @@ async def test_the_thread_lock_serialises_holders_and_is_released(
     await asyncio.gather(hold("a"), hold("b"))
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
     assert await redis_client.exists(f"{prefix}{{T9:C9:1700000000.000001}}:lock") == 0
+
+
+async def test_a_reply_waiting_for_its_thread_tries_again_within_milliseconds_then_every_10_ms_then_gives_up(
+    redis_client: redis.Redis, redis_url: str, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix, lock_wait_seconds=0.3)
+    lock_key = f"{prefix}{{T9:C9:1700000000.000001}}:lock"
+    done_key = f"{prefix}{{T9:C9:1700000000.000001}}:done"  # on the lock's node of a cluster
+    await redis_client.set(lock_key, "another reply's token", px=10_000)
+    if isinstance(redis_client, RedisCluster):
+        node = redis_client.get_node_from_key(lock_key)
+        redis_url = f"redis://{node.host}:{node.port}"
+    tries: list[float] = []  # when the server saw each try, by its own clock
+    watching, seen_all = asyncio.Event(), asyncio.Event()
+
+    async def watch() -> None:
+        async with redis.Redis.from_url(redis_url).monitor() as monitor:
+            watching.set()
+            async for command in monitor.listen():
+                if command["command"].startswith(f"SET {lock_key} "):
+                    tries.append(float(command["time"]))
+                elif done_key in command["command"]:
+                    seen_all.set()
+
+    watcher = asyncio.create_task(watch())
+    await watching.wait()
+    with pytest.raises(ThreadBusy):
+        async with history.lock(KEY):
+            pass
+    await redis_client.get(done_key)
+    await asyncio.wait_for(seen_all.wait(), 5)
+    watcher.cancel()
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    # A follow-up usually finds its thread a round trip or two from release: the first retry comes
+    # after a millisecond, not the 10 ms a held thread is then polled at.
+    assert gaps[0] < 0.005
+    assert min(gaps[5:]) >= 0.008
+    assert 20 <= len(tries) <= 40  # 0.3 s of a held thread
+    assert await redis_client.get(lock_key) == "another reply's token"  # untouched by the waiter
 
 
 async def test_an_edit_rewrites_and_recounts_the_turn_and_resets_a_summary_that_covered_it(
