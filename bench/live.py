@@ -311,6 +311,11 @@ class Throughput:
     cpu_ms_bench: float  # the fake Slack and fake model
     cpu_ms_redis: float
 
+    @property
+    def cpu_ms_total(self) -> float:
+        """The CPU of every process on the machine per reply (ms)."""
+        return self.cpu_ms_bot + self.cpu_ms_workers + self.cpu_ms_bench + self.cpu_ms_redis
+
 
 async def replies_per_second(bot: LiveBot, count: int) -> Throughput:
     """Replies per second for ``count`` mentions at once, with an instant model (after a warm-up)."""

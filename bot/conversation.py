@@ -47,6 +47,7 @@ from bot.domain import (
     StreamEnd,
     Summaries,
     TextPart,
+    ThreadHold,
     TokenCounter,
     Turn,
     Usage,
@@ -340,7 +341,7 @@ class Responder:
         incoming = job.incoming
         check, spent, context = BudgetCheck(True), None, None
         try:
-            async with self.history.lock(incoming.key):
+            async with self.history.lock(incoming.key) as hold:
                 # A first delivery has no attempt before it: nothing to read.
                 progress = (
                     await self.history.progress(incoming.key, job.id) if job.attempt > 1 else JobProgress()
@@ -369,7 +370,7 @@ class Responder:
                 if not progress.question_stored:
                     await self.history.store_question(incoming.key, job.id, question)
                 prelude = self._prelude(requested, persona, question, pictures, excerpt)
-                spent = await self._reply(job, reply, persona, question, context, check, prelude)
+                spent = await self._reply(job, reply, persona, question, context, check, prelude, hold)
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             await self._account(incoming, check, spent)
@@ -541,11 +542,13 @@ class Responder:
         context: Context,
         check: BudgetCheck,
         prelude: str | None,
+        hold: ThreadHold | None = None,
         *,
         keep: bool = True,
     ) -> Spent | None:
         """Answer and store (unless not ``keep``: a shortcut's answer); what the reply used, or None when
-        the model failed. ``prelude`` is a line for the asker before the answer (not part of it)."""
+        the model failed. ``prelude`` is a line for the asker before the answer (not part of it); ``hold``
+        is the thread's lock, let go as the answer is stored."""
         incoming = job.incoming
         # The assistant pane's threads are DM threads; the first question there names the thread.
         first = keep and incoming.is_dm and incoming.in_thread and not context.turns and not context.trimmed
@@ -568,7 +571,8 @@ class Responder:
             await reply.fail(exc.user_message)
             return None  # the question stays stored, unanswered: a "try again" sees it
         if keep:
-            await self.history.store_answer(incoming.key, job.id, answer)
+            # The last step under the thread's lock: a follow-up waiting for the thread starts now.
+            await self.history.store_answer(incoming.key, job.id, answer, releasing=hold)
         usage = end.usage or Usage(
             context.estimated_tokens + context.billed_beyond_context,
             self.counter.message_tokens("assistant", answer.text)

@@ -285,6 +285,15 @@ class Job:
         return f"{work.team}:file:{work.file_id}" if isinstance(work, Deletion) else ""
 
 
+@dataclass(slots=True)
+class ThreadHold:
+    """A reply's hold on its thread's lock, as ``History.lock`` gives it: the token that proves it is
+    this reply's, and whether storing the answer already let the thread go."""
+
+    token: str
+    released: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class JobProgress:
     """What earlier attempts of a job already did in its thread, so a retry never does it twice."""
@@ -402,7 +411,7 @@ class Summaries(Protocol):
 class History(Protocol):
     """Thread memory and the per-thread lock; a job's progress in its thread."""
 
-    def lock(self, key: ThreadKey) -> AbstractAsyncContextManager[None]:
+    def lock(self, key: ThreadKey) -> AbstractAsyncContextManager[ThreadHold]:
         """Hold the thread so replies in it happen one at a time, across workers."""
         ...
 
@@ -426,8 +435,11 @@ class History(Protocol):
         """Store a job's question; once per job, however often it is tried."""
         ...
 
-    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
-        """Store a job's complete answer and mark the job answered."""
+    async def store_answer(
+        self, key: ThreadKey, job_id: str, turn: Turn, *, releasing: ThreadHold | None = None
+    ) -> None:
+        """Store a job's complete answer and mark the job answered; in the same step, let go of the
+        thread's lock held as ``releasing`` (the answer is the last thing a reply stores under it)."""
         ...
 
     async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -32,6 +33,7 @@ from bot.domain import (
     Picture,
     Recall,
     SlackFile,
+    ThreadHold,
     ThreadKey,
     TokenCounter,
     Turn,
@@ -54,8 +56,10 @@ LOCK_POLL_SECONDS = 0.01
 # Store a job's question (or answer) once, however often the job is tried: the job's progress hash says
 # whether it was stored, in the same step. Past the cap, the oldest turns go but the thread's first
 # message stays (it is kept word for word), and the summary's span shifts with the turns that went.
-# KEYS: turns, progress, memory. ARGV: the progress field, how many turns to keep, the thread TTL, the
-# progress TTL, the encoded turn.
+# An answer is the last thing a reply stores under the thread's lock, so the same step can let the
+# thread go (when it still holds the token: a lock whose lease ran out may be another's by now).
+# KEYS: turns, progress, memory, lock. ARGV: the progress field, how many turns to keep, the thread TTL,
+# the progress TTL, the encoded turn, the lock's token to release ('' to keep the lock).
 _STORE_ONCE = """
 if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
   local over = redis.call('RPUSH', KEYS[1], ARGV[5]) - tonumber(ARGV[2])
@@ -70,6 +74,7 @@ if redis.call('HSETNX', KEYS[2], ARGV[1], 1) == 1 then
   redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[4])
+if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
 """
 # A new summary replaces the old only if nothing changed the thread's memory while it was written (a
 # deletion or an edit reset it, the cap shifted it, the thread went). KEYS: memory, turns. ARGV: the
@@ -107,12 +112,12 @@ class StoredSummary:
     generation: str
 
 
-async def _acquire(lock: Lock, wait_seconds: float) -> bool:
+async def _acquire(lock: Lock, token: str, wait_seconds: float) -> bool:
     """Take ``lock``, retrying after 1, 2, 4, 8, then every 10 ms; False after ``wait_seconds``."""
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + wait_seconds
     pause = LOCK_FIRST_POLL_SECONDS
-    while not await lock.acquire(blocking=False):
+    while not await lock.acquire(blocking=False, token=token):
         if loop.time() + pause > give_up_at:
             return False
         await asyncio.sleep(pause)
@@ -196,28 +201,32 @@ class RedisHistory:
         return f"{self._prefix}{{{key.team}:{key.channel}:{key.thread_ts}}}:{part}"
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
+    async def lock(self, key: ThreadKey) -> AsyncIterator[ThreadHold]:
         """Hold the thread (SET NX PX, compare-and-delete release), renewing the short lease while held,
-        so a holder that dies frees the thread within one lease."""
+        so a holder that dies frees the thread within one lease. ``store_answer`` given the hold lets
+        the thread go in the same step, before the block ends."""
         lock = self._redis.lock(self._key(key, "lock"), timeout=self._lock_lease)
+        hold = ThreadHold(uuid.uuid4().hex)
         with redis_errors("locking a thread"):
-            if not await _acquire(lock, self._lock_wait):
+            if not await _acquire(lock, hold.token, self._lock_wait):
                 raise ThreadBusy(f"thread {key} stayed locked for {self._lock_wait:.0f}s")
-        renewal = asyncio.create_task(self._renew(lock))
+        renewal = asyncio.create_task(self._renew(lock, hold))
         try:
-            yield
+            yield hold
         finally:
             renewal.cancel()
-            with contextlib.suppress(LockError, RedisError):
-                await lock.release()
+            if not hold.released:
+                with contextlib.suppress(LockError, RedisError):
+                    await lock.release()
 
-    async def _renew(self, lock: Lock) -> None:
+    async def _renew(self, lock: Lock, hold: ThreadHold) -> None:
         while True:
             await asyncio.sleep(self._lock_lease / 3)
             try:
                 await lock.reacquire()
             except (LockError, RedisError) as exc:
-                log.warning("could not renew a thread lock: %s", type(exc).__name__)
+                if not hold.released:  # else storing the answer let the thread go as this renewal went
+                    log.warning("could not renew a thread lock: %s", type(exc).__name__)
                 return
 
     async def remembers(self, key: ThreadKey) -> bool:
@@ -510,15 +519,30 @@ class RedisHistory:
     async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
         await self._store(key, job_id, "question", turn, action="storing a question")
 
-    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
-        await self._store(key, job_id, "answer", turn, action="storing an answer")
+    async def store_answer(
+        self, key: ThreadKey, job_id: str, turn: Turn, *, releasing: ThreadHold | None = None
+    ) -> None:
+        await self._store(key, job_id, "answer", turn, action="storing an answer", releasing=releasing)
+        if releasing is not None:
+            releasing.released = True
 
-    async def _store(self, key: ThreadKey, job_id: str, field: str, turn: Turn, *, action: str) -> None:
+    async def _store(
+        self,
+        key: ThreadKey,
+        job_id: str,
+        field: str,
+        turn: Turn,
+        *,
+        action: str,
+        releasing: ThreadHold | None = None,
+    ) -> None:
         keys = [self._key(key, "turns"), self._progress_key(key, job_id), self._key(key, "memory")]
+        keys.append(self._key(key, "lock"))
         ttl = await self._ttl_for(key)
+        token = releasing.token if releasing is not None else ""
         with redis_errors(action):
             await self._store_once(
-                keys=keys, args=[field, self._max_turns, ttl, PROGRESS_SECONDS, _encode(turn)]
+                keys=keys, args=[field, self._max_turns, ttl, PROGRESS_SECONDS, _encode(turn), token]
             )
 
     async def record_part(self, key: ThreadKey, job_id: str, index: int, ts: str) -> None:

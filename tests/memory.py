@@ -28,6 +28,7 @@ from bot.domain import (
     SlackFile,
     SlackMessage,
     StreamEnd,
+    ThreadHold,
     ThreadKey,
     Turn,
     Usage,
@@ -47,9 +48,9 @@ class MemoryHistory:
         self._locks: defaultdict[ThreadKey, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     @asynccontextmanager
-    async def lock(self, key: ThreadKey) -> AsyncIterator[None]:
+    async def lock(self, key: ThreadKey) -> AsyncIterator[ThreadHold]:
         async with self._locks[key]:
-            yield
+            yield ThreadHold("")
 
     async def remembers(self, key: ThreadKey) -> bool:
         return bool(self.turns[key])
@@ -86,8 +87,10 @@ class MemoryHistory:
     async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
         self._store_once(key, job_id, "question", turn)
 
-    async def store_answer(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
-        self._store_once(key, job_id, "answer", turn)
+    async def store_answer(
+        self, key: ThreadKey, job_id: str, turn: Turn, *, releasing: ThreadHold | None = None
+    ) -> None:
+        self._store_once(key, job_id, "answer", turn)  # the lock is let go when its block ends
 
     def _store_once(self, key: ThreadKey, job_id: str, field: str, turn: Turn) -> None:
         if field not in self.progresses[(key, job_id)]:

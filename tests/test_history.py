@@ -151,6 +151,37 @@ async def test_the_thread_lock_serialises_holders_and_is_released(
     assert await redis_client.exists(f"{prefix}{{T9:C9:1700000000.000001}}:lock") == 0
 
 
+async def test_storing_the_answer_lets_the_thread_go_in_the_same_step_and_only_the_lock_it_holds(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix, lock_lease_seconds=2)
+    lock_key = f"{prefix}{{T9:C9:1700000000.000001}}:lock"
+    answer = Turn("assistant", "an answer", counter.message_tokens("assistant", "an answer"), "o200k_base")
+    async with history.lock(KEY) as hold:
+        await history.store_answer(KEY, "1-0", answer, releasing=hold)
+        assert await redis_client.exists(lock_key) == 0
+        async with asyncio.timeout(1), history.lock(KEY):  # a follow-up takes the thread at once
+            follow_up_token = await redis_client.get(lock_key)
+    assert await redis_client.exists(lock_key) == 0
+
+    async with history.lock(KEY) as hold:
+        await redis_client.set(lock_key, "another holder's token", px=10_000)  # this lease ran out meanwhile
+        await history.store_answer(KEY, "2-0", answer, releasing=hold)
+        assert await redis_client.get(lock_key) == "another holder's token"
+    assert await redis_client.get(lock_key) == "another holder's token"  # leaving the block leaves it too
+    assert follow_up_token
+    stored = await history.recall(KEY, 10**6)  # both answers: the first is the thread's first turn
+    assert (
+        stored.first is not None and [stored.first.text, *(t.text for t in stored.turns)] == ["an answer"] * 2
+    )
+
+    await redis_client.delete(lock_key)
+    async with history.lock(KEY):
+        await history.store_answer(KEY, "3-0", answer)  # without the hold, the thread stays held
+        assert await redis_client.exists(lock_key) == 1
+    assert await redis_client.exists(lock_key) == 0
+
+
 async def test_a_reply_waiting_for_its_thread_tries_again_within_milliseconds_then_every_10_ms_then_gives_up(
     redis_client: redis.Redis, redis_url: str, prefix: str, counter: TiktokenCounter
 ) -> None:
