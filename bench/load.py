@@ -130,7 +130,7 @@ async def cpu_per_reply(
                 "cpu_ms_range": f"{cpu[0]}-{cpu[-1]}",
                 "replies_per_s": round(median_rate, 1),
                 "replies_per_s_range": f"{rate[0]:.0f}-{rate[-1]:.0f}",
-                "cpu_ms_per_reply_ingress": statistics.median(r.cpu_ms_bot for r in measured),
+                "cpu_ms_per_reply_ingress": round(statistics.median(r.cpu_ms_bot for r in measured), 3),
                 "worker_own_time_by_package": found["profile"],
                 "redis_commands_per_reply": sent,
                 "goal": f"<= {CPU_GOAL_MS:.0f} ms of CPU per reply; >= {RATE_GOAL:.0f} replies/s per worker",

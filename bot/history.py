@@ -49,8 +49,8 @@ NAME_CACHE_SECONDS = 24 * 3600
 PROGRESS_SECONDS = 3600
 LOCK_WAIT_SECONDS = 180.0
 # How a reply waiting for its thread retries: first after a millisecond, because a follow-up often arrives
-# while the previous reply is still storing its answer, a round trip or two from release; then twice as
-# long each time up to 10 ms, so a thread held for a long answer costs at most 100 tries a second.
+# while the previous reply is still storing its answer (the step that releases it); then twice as long
+# each time up to 10 ms, so a thread held for a long answer costs at most 100 tries a second.
 LOCK_FIRST_POLL_SECONDS = 0.001
 LOCK_POLL_SECONDS = 0.01
 # Store a job's question (or answer) once, however often the job is tried: the job's progress hash says
