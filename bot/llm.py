@@ -243,9 +243,11 @@ class OpenAIChat:
             # response, whose events are read here: building a typed chunk per event costs more CPU
             # than everything else a streamed reply does.
             body = self.request(messages, persona, end_user)
+            content = None if self._azure else _encoded(body)
             response = await self._client.post(
                 self._url,
-                body=body if self._azure else _encoded(body),
+                body=body if content is None else None,
+                content=content,
                 cast_to=httpx2.Response,
                 stream=True,
             )
@@ -325,12 +327,12 @@ class _StreamState:
         return texts
 
 
-def _encoded(body: dict[str, Any]) -> bytes | dict[str, Any]:
+def _encoded(body: dict[str, Any]) -> bytes | None:
     try:
         return orjson.dumps(body)
     except orjson.JSONEncodeError:
         # An integer beyond 64 bits (a seed, say), which orjson refuses: the client's json takes it.
-        return body
+        return None
 
 
 def _json(data: str) -> Any:
