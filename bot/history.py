@@ -536,8 +536,8 @@ class RedisHistory:
         action: str,
         releasing: ThreadHold | None = None,
     ) -> None:
-        keys = [self._key(key, "turns"), self._progress_key(key, job_id), self._key(key, "memory")]
-        keys.append(self._key(key, "lock"))
+        progress = self._progress_key(key, job_id)
+        keys = [self._key(key, "turns"), progress, self._key(key, "memory"), self._key(key, "lock")]
         ttl = await self._ttl_for(key)
         token = releasing.token if releasing is not None else ""
         with redis_errors(action):
