@@ -103,7 +103,7 @@ async def _check(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     from bot.observability import configure_logging
-    from bot.processes import freeze_startup_objects, run, run_worker
+    from bot.processes import run, run_worker, tune_garbage_collector
     from bot.services import open_services
 
     serving: Serving = "worker" if args.command == "worker" else "http" if args.http else "socket"
@@ -122,7 +122,7 @@ async def _serve(args: argparse.Namespace) -> None:
                 host=args.host,
                 metrics_port=args.metrics_port,
                 stop=stop,
-                on_ready=freeze_startup_objects,
+                on_ready=tune_garbage_collector,
             )
             return
         await run(
@@ -134,7 +134,7 @@ async def _serve(args: argparse.Namespace) -> None:
             metrics_port=args.metrics_port,
             stop=stop,
             environ=os.environ,
-            on_ready=freeze_startup_objects,  # this process is the bot's alone; the tests run it in theirs
+            on_ready=tune_garbage_collector,  # this process is the bot's alone; the tests run it in theirs
         )
 
 

@@ -23,7 +23,7 @@ from bot.errors import ConfigError
 from bot.llm import OpenAIChat, error_kind, make_client
 from bot.personas import FilePersonas, parse_personas
 from bot.places import ChannelSet
-from bot.processes import freeze_startup_objects
+from bot.processes import YOUNG_GENERATION_THRESHOLD, tune_garbage_collector
 from bot.settings import Serving, Settings, load_settings
 from bot.slack import mentioned_users, parse_event, readable_markup, split_message
 from bot.tokens import TiktokenCounter, encoding_name_for, load_encoding, seed_cache
@@ -828,7 +828,7 @@ def test_persona_and_settings_declare_exactly_the_chat_parameters_with_their_ran
 # bot.processes -----------------------------------------------------------------------------------------
 
 
-def test_freezing_at_start_up_keeps_what_lives_and_collects_the_garbage_first() -> None:
+def test_tuning_the_collector_freezes_what_lives_collects_the_garbage_first_and_waits_longer() -> None:
     class Node:
         def __init__(self) -> None:
             self.other: Node | None = None
@@ -838,12 +838,17 @@ def test_freezing_at_start_up_keeps_what_lives_and_collects_the_garbage_first() 
     garbage.other, partner.other = partner, garbage  # a cycle only the collector can free
     gone = weakref.ref(garbage)
     del garbage, partner
+    thresholds = gc.get_threshold()
     gc.disable()  # no collection of its own between here and the freeze
     try:
-        freeze_startup_objects()
+        tune_garbage_collector()
         assert gone() is None  # collected, not frozen for good
         assert gc.get_freeze_count() > 0
         assert not any(o is kept for o in gc.get_objects())  # frozen: out of the collector's passes
+        # the youngest generation waits for more allocations; the older ones keep their ratios
+        assert gc.get_threshold() == (YOUNG_GENERATION_THRESHOLD, *thresholds[1:])
+        assert thresholds[0] < YOUNG_GENERATION_THRESHOLD
     finally:
+        gc.set_threshold(*thresholds)
         gc.unfreeze()
         gc.enable()
