@@ -1,8 +1,9 @@
 """Scenario 6, jobs and workers: the queue hop, and replies/s and overhead with 1 and 2 worker processes.
 
 Every configuration runs in the same bench run, side by side, against the same fakes and Redis: the bot
-before (``--before REV``: a checkout of an earlier commit, when given), the bot now in one
-process (ingress and worker), and the ingress with 1 and with 2 worker processes (``run --workers N``).
+before (``--before REV``: a checkout of an earlier commit, when given), in one process and with one worker
+process, the bot now in one process (ingress and worker), and the ingress with 1 and with 2 worker
+processes (``run --workers N``).
 The queue hop is read from the worker's own log: each job's "ms in the queue", from the ingress queueing
 it (just before its ack) to a worker starting on it.
 """
@@ -67,12 +68,17 @@ async def scaling(
     redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: bool, before: Path | None
 ) -> list[dict[str, Any]]:
     """Replies/s (instant model) and steady overhead at 100 threads (1 s model), per configuration."""
+    one_worker = ("--workers", "1")
     configs: list[tuple[str, tuple[str, ...], Path | None]] = []
     if before is not None:
-        configs.append(("before, one process", (), before))
+        # With one worker process too: the goal's shape, so that this run's machine is judged beside it.
+        configs += [
+            ("before, one process", (), before),
+            ("before, ingress + 1 worker process", one_worker, before),
+        ]
     configs += [
         ("one process (ingress and worker)", (), None),
-        ("ingress + 1 worker process", ("--workers", "1"), None),
+        ("ingress + 1 worker process", one_worker, None),
         ("ingress + 2 worker processes", ("--workers", "2"), None),
     ]
     count, concurrency, turns = (100, 5, 1) if quick else (1000, 100, 6)
@@ -85,8 +91,9 @@ async def scaling(
             )
             # Follow-ups mention the bot: the bot before the queue kept participation elsewhere.
             samples = await Conversations(bot, mention=True).steady(counter, "CS", concurrency, turns, 1.0)
-        rates[args] = throughput.replies_per_s
-        spent[args] = throughput.cpu_ms_total
+        if source is None:
+            rates[args] = throughput.replies_per_s
+            spent[args] = throughput.cpu_ms_total
         rows.append(
             {
                 "scenario": "6. jobs",
@@ -99,14 +106,14 @@ async def scaling(
                 f"overhead_p50_ms_at_{concurrency}": round(percentile(samples, 0.5) * 1000, 2),
                 f"overhead_p99_ms_at_{concurrency}": round(percentile(samples, 0.99) * 1000, 2),
                 "goal": OVERHEAD_GOAL if args else "reported",
-                "met": overhead_met(samples) if args and not quick else None,
+                "met": overhead_met(samples) if args and source is None and not quick else None,
             }
         )
-    ratio = rates[("--workers", "2")] / rates[("--workers", "1")]
+    ratio = rates[("--workers", "2")] / rates[one_worker]
     # What this machine allows: its cores divided by the CPU every process (bot, fakes, Redis) spent per
     # reply with two workers. Two cores hold the ingress, both workers, the fakes and Redis, so the
     # ratio cannot pass this, however well the workers share the queue.
-    ceiling = (os.cpu_count() or 1) * 1000 / spent[("--workers", "2")] / rates[("--workers", "1")]
+    ceiling = (os.cpu_count() or 1) * 1000 / spent[("--workers", "2")] / rates[one_worker]
     rows.append(
         {
             "scenario": "6. jobs",
