@@ -68,7 +68,7 @@ async def scaling(
     redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: bool, before: Path | None
 ) -> list[dict[str, Any]]:
     """Replies/s (instant model) and steady overhead at 100 threads (1 s model), per configuration."""
-    one_worker = ("--workers", "1")
+    one_worker, two_workers = ("--workers", "1"), ("--workers", "2")
     configs: list[tuple[str, tuple[str, ...], Path | None]] = []
     if before is not None:
         # With one worker process too: the goal's shape, so that this run's machine is judged beside it.
@@ -79,7 +79,7 @@ async def scaling(
     configs += [
         ("one process (ingress and worker)", (), None),
         ("ingress + 1 worker process", one_worker, None),
-        ("ingress + 2 worker processes", ("--workers", "2"), None),
+        ("ingress + 2 worker processes", two_workers, None),
     ]
     count, concurrency, turns = (100, 5, 1) if quick else (1000, 100, 6)
     rows, rates, spent = [], {}, {}
@@ -91,7 +91,7 @@ async def scaling(
             )
             # Follow-ups mention the bot: the bot before the queue kept participation elsewhere.
             samples = await Conversations(bot, mention=True).steady(counter, "CS", concurrency, turns, 1.0)
-        if source is None:
+        if source is None:  # the ratio and the ceiling below are this bot's, whatever ran before it
             rates[args] = throughput.replies_per_s
             spent[args] = throughput.cpu_ms_total
         rows.append(
@@ -109,11 +109,11 @@ async def scaling(
                 "met": overhead_met(samples) if args and source is None and not quick else None,
             }
         )
-    ratio = rates[("--workers", "2")] / rates[one_worker]
+    ratio = rates[two_workers] / rates[one_worker]
     # What this machine allows: its cores divided by the CPU every process (bot, fakes, Redis) spent per
     # reply with two workers. Two cores hold the ingress, both workers, the fakes and Redis, so the
     # ratio cannot pass this, however well the workers share the queue.
-    ceiling = (os.cpu_count() or 1) * 1000 / spent[("--workers", "2")] / rates[one_worker]
+    ceiling = (os.cpu_count() or 1) * 1000 / spent[two_workers] / rates[one_worker]
     rows.append(
         {
             "scenario": "6. jobs",
