@@ -2,11 +2,12 @@
 
 ``build_context`` is pure: persona + budget + stored history + new question -> the messages to send.
 ``Responder.respond`` reads top to bottom as the worker's flow in docs/architecture.md: thread lock,
-what an earlier attempt of the job already did, read a thread the bot remembers nothing of, resolve
-the persona, check the budget, store the question, build the context, stream the model's answer into
-Slack, store the answer. ``Responder.respond_to_shortcut`` is the same pipeline for a message
-shortcut, with the question built for its kind and nothing stored. It does no I/O of its own; it talks
-to the protocols in ``domain``, so its tests use small in-memory fakes.
+what an earlier attempt of the job already did, resolve the persona, build the context from the
+thread's history (read from Slack first when the bot remembers nothing of the thread), check the
+budget, store the question, stream the model's answer into Slack, store the answer.
+``Responder.respond_to_shortcut`` is the same pipeline for a message shortcut, with the question built
+for its kind and nothing stored. It does no I/O of its own; it talks to the protocols in ``domain``,
+so its tests use small in-memory fakes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bot.domain import (
     Persona,
     PersonaSource,
     Rated,
+    Recall,
     ReplyLog,
     ReplyStream,
     Role,
@@ -356,8 +358,6 @@ class Responder:
                 if not text.strip() and not incoming.files:
                     await reply.notice(EMPTY_MENTION_HINT)
                     return None
-                if incoming.in_thread:
-                    await self._read_thread_if_unseen(incoming)
                 excerpt = await self._channel_excerpt(incoming, text)
                 question = await self._question(incoming, text, excerpt)
                 persona = await self.personas.resolve(incoming.key, requested)
@@ -604,9 +604,7 @@ class Responder:
         """What the model gets within ``budget``: the thread's newest turns that fit (or ``history``'s),
         and the images of those turns when the model sees images."""
         if history is None:
-            # The question may be stored already (a retried job); the context carries it last, whatever
-            # came after it.
-            recall = await self.history.recall(incoming.key, budget + question.tokens, without_ts=question.ts)
+            recall = await self._recall(incoming, question, budget)
             context = build_context(
                 persona.system_prompt,
                 recall.turns,
@@ -629,11 +627,21 @@ class Responder:
             context = replace(context, picture_urls=await self.files.picture_urls(incoming.key, wanted))
         return context
 
-    async def _read_thread_if_unseen(self, incoming: Incoming) -> None:
-        """Asked in a thread it remembers nothing of, the bot first stores what was said before, with
-        the files of the newest messages read."""
-        if await self.history.remembers(incoming.key):
-            return
+    async def _recall(self, incoming: Incoming, question: Turn, budget: int) -> Recall:
+        """What the history holds of the thread for a context of ``budget`` tokens. Asked in a thread
+        it remembers nothing of, the bot first stores what was said before: found by the recall itself,
+        so every other reply pays no round trip to ask."""
+        # The question may be stored already (a retried job); the context carries it last, whatever
+        # came after it.
+        budget += question.tokens
+        recall = await self.history.recall(incoming.key, budget, without_ts=question.ts)
+        if recall.remembered or not incoming.in_thread:
+            return recall
+        await self._read_thread(incoming)
+        return await self.history.recall(incoming.key, budget, without_ts=question.ts)
+
+    async def _read_thread(self, incoming: Incoming) -> None:
+        """Store what was said in the thread before, with the files of the newest messages read."""
         earlier = [m for m in await self.slack.thread_messages(incoming.key) if m.ts != incoming.ts]
         turns = [
             await self._earlier_turn(incoming, message, reads)

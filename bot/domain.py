@@ -393,6 +393,7 @@ class Recall:
     summary_tokens: int = 0
     summarized_until: int = 1
     noted: bool = False  # a summary was made once: the footnote saying so is not given again
+    remembered: bool = False  # anything of the thread is stored (turns or a memory hash)
 
     def left_out(self, kept: int) -> range:
         """The positions neither summarized nor among the ``kept`` newest turns of a context."""
@@ -415,14 +416,11 @@ class History(Protocol):
         """Hold the thread so replies in it happen one at a time, across workers."""
         ...
 
-    async def remembers(self, key: ThreadKey) -> bool:
-        """True when anything of the thread is stored."""
-        ...
-
     async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
         """The thread's first message, its summary, and its newest turns not summarized (newest first,
         reading only as many as can fill ``token_budget``, plus one); ``without_ts`` is a message
-        left out (the question, when an earlier attempt stored it)."""
+        left out (the question, when an earlier attempt stored it). Its ``remembered`` says whether
+        anything of the thread is stored, so that a reply learns it in the same round trip."""
         ...
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:

@@ -229,11 +229,6 @@ class RedisHistory:
                     log.warning("could not renew a thread lock: %s", type(exc).__name__)
                 return
 
-    async def remembers(self, key: ThreadKey) -> bool:
-        # A thread whose memory hash outlived its turns is still one the bot knows.
-        with redis_errors("reading thread state"):
-            return bool(await self._redis.exists(self._key(key, "turns"), self._key(key, "memory")))
-
     async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
         """The first message, the summary and the newest-first turns after the summary's span until their
         tokens pass ``token_budget``: the first page in one round trip with the memory, then pages of
@@ -291,6 +286,8 @@ class RedisHistory:
             summary.tokens,
             summary.until,
             noted=memory.get("noted") == "1",
+            # A thread whose memory hash outlived its turns is still one the bot knows.
+            remembered=length > 0 or bool(memory),
         )
 
     def _summary(self, memory: Any) -> StoredSummary:  # decoded field -> value

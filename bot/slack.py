@@ -699,6 +699,7 @@ class SlackReplyStream:
         self._streaming = False  # the current message is a native stream (appendStream/stopStream)
         self._last_flush = float("-inf")
         self._status: asyncio.Task[None] | None = None
+        self._recorded: asyncio.Task[None] | None = None  # the log's latest write, done or under way
         self._guard = OutputGuard()  # the model's text may try to notify a whole channel
 
     async def thinking(self, title: str | None = None) -> None:
@@ -763,6 +764,8 @@ class SlackReplyStream:
 
     async def _end(self, state: str, blocks: list[dict[str, Any]] | None = None) -> None:
         await self._complete_message(state, blocks)
+        if self._recorded is not None:
+            await self._recorded  # a write that failed fails the attempt here
         # A retried job may need fewer messages than the attempt before it wrote.
         for ts in self._log.parts[self._part + 1 :]:
             try:
@@ -806,10 +809,21 @@ class SlackReplyStream:
         if self._log.attempt > 1 and self._part == len(self._log.parts):
             found = await self._find_part()  # written by an attempt that died before recording it
         if found is not None and await self._rewrite(found, state, blocks):
-            await self._log.record(self._part, found)
+            self._record(found)
             return
         self._ts = await self._create(state, blocks)
-        await self._log.record(self._part, self._ts)
+        self._record(self._ts)
+
+    def _record(self, ts: str) -> None:
+        """Write the message's ts to the log beside the answer, not before its next words (a job that
+        dies first finds its unrecorded messages by their metadata); in order, so that the log never
+        holds a part without the ones before it."""
+        self._recorded = asyncio.create_task(self._record_after(self._recorded, self._part, ts))
+
+    async def _record_after(self, before: asyncio.Task[None] | None, part: int, ts: str) -> None:
+        if before is not None:
+            await before
+        await self._log.record(part, ts)
 
     async def _rewrite(self, ts: str, state: str, blocks: list[dict[str, Any]] | None = None) -> bool:
         """Make an earlier attempt's message this one; False when it is gone or Slack refuses to edit it

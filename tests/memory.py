@@ -52,9 +52,6 @@ class MemoryHistory:
         async with self._locks[key]:
             yield ThreadHold("")
 
-    async def remembers(self, key: ThreadKey) -> bool:
-        return bool(self.turns[key])
-
     async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
         """The first turn, then newest first, stopping right after the turn that takes the total past
         ``token_budget``; no summaries."""
@@ -69,7 +66,8 @@ class MemoryHistory:
             total += turns[position].tokens
             if total > token_budget:
                 break
-        return Recall(tuple(found), tuple(positions), turns[0] if turns else None)
+        first = turns[0] if turns else None
+        return Recall(tuple(found), tuple(positions), first, remembered=bool(self.turns[key]))
 
     async def seed(self, key: ThreadKey, turns: Sequence[Turn]) -> None:
         self.turns[key].extend(turns)

@@ -31,7 +31,7 @@ async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
     redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
 ) -> None:
     history = RedisHistory(redis_client, counter, prefix=prefix, ttl_seconds=600, max_turns=5)
-    assert not await history.remembers(KEY)
+    assert not (await history.recall(KEY, 10**6)).remembered
     await history.seed(KEY, [turn(counter, i) for i in range(8)])
     keys = sorted([k async for k in redis_client.scan_iter(match=f"{prefix}*")])
     assert keys == [f"{prefix}{{T9:C9:1700000000.000001}}:turns"]
@@ -40,7 +40,17 @@ async def test_turns_live_under_the_workspace_with_a_ttl_and_a_cap(
     # capped: the first message and the newest
     assert stored.first is not None and stored.first.text == "turn 0"
     assert [t.text for t in stored.turns] == [f"turn {i}" for i in (7, 6, 5, 4)]
-    assert await history.remembers(KEY)
+    assert stored.remembered
+
+
+async def test_a_thread_whose_turns_expired_before_its_memory_is_still_remembered(
+    redis_client: redis.Redis, prefix: str, counter: TiktokenCounter
+) -> None:
+    history = RedisHistory(redis_client, counter, prefix=prefix)
+    await redis_client.hset(f"{prefix}{{T9:C9:1700000000.000001}}:memory", "noted", "1")
+    recall = await history.recall(KEY, 10**6)
+    assert recall.turns == () and recall.first is None
+    assert recall.remembered
 
 
 async def test_recent_reads_only_what_the_budget_can_use(
