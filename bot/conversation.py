@@ -12,12 +12,13 @@ so its tests use small in-memory fakes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from bot.domain import (
     REPLY_PRIMING_TOKENS,
@@ -306,6 +307,41 @@ def _shrink(counter: TokenCounter, role: str, content: str, max_message_tokens: 
     return counter.truncate(content, max(max_message_tokens - overhead, 0))
 
 
+def _quietly(store: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """``store`` under way; its failure is raised where it is awaited, and never logged as unretrieved
+    when the reply failed first for another reason (the attempt fails either way)."""
+    task = asyncio.create_task(store)
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
+
+
+class _AfterStored:
+    """A reply that writes nothing in the thread until its question is stored: a store that fails
+    fails the attempt before anything shows, and the answer is always stored after its question."""
+
+    def __init__(self, reply: ReplyStream, stored: asyncio.Task[None]) -> None:
+        self._reply, self._stored = reply, stored
+
+    async def thinking(self, title: str | None = None) -> None:
+        await self._reply.thinking(title)  # a status is not part of the thread
+
+    async def append(self, text: str) -> None:
+        await self._stored
+        await self._reply.append(text)
+
+    async def finish(self, footnote: str | None = None, rated: Rated | None = None) -> None:
+        await self._stored
+        await self._reply.finish(footnote, rated)
+
+    async def fail(self, message: str) -> None:
+        await self._stored
+        await self._reply.fail(message)
+
+    async def notice(self, text: str) -> None:
+        await self._stored
+        await self._reply.notice(text)
+
+
 class Responder:
     """Answers jobs; one instance serves every thread."""
 
@@ -360,15 +396,24 @@ class Responder:
                     return None
                 excerpt = await self._channel_excerpt(incoming, text)
                 question = await self._question(incoming, text, excerpt)
-                persona = await self.personas.resolve(incoming.key, requested)
+                # Side by side: neither read needs the other, and each hop costs most under load.
+                persona, recall = await asyncio.gather(
+                    self.personas.resolve(incoming.key, requested),
+                    self._recall(incoming, question, self.max_prompt_tokens),
+                )
                 pictures = self.model.sees_images(persona)
-                context = await self._context(incoming, persona, question, self.max_prompt_tokens, pictures)
+                context = await self._context(
+                    incoming, persona, question, self.max_prompt_tokens, pictures, recall=recall
+                )
                 check = await self._reserve(incoming, persona, context)
                 if not check.allowed:
                     await reply.notice(f":warning: {check.message}")
                     return None
                 if not progress.question_stored:
-                    await self.history.store_question(incoming.key, job.id, question)
+                    # Stored while the model request goes out; nothing is written in the thread before it is.
+                    reply = _AfterStored(
+                        reply, _quietly(self.history.store_question(incoming.key, job.id, question))
+                    )
                 prelude = self._prelude(requested, persona, question, pictures, excerpt)
                 spent = await self._reply(job, reply, persona, question, context, check, prelude, hold)
         finally:
@@ -600,11 +645,15 @@ class Responder:
         budget: int,
         pictures: bool,
         history: Sequence[Turn] | None = None,
+        *,
+        recall: Recall | None = None,
     ) -> Context:
         """What the model gets within ``budget``: the thread's newest turns that fit (or ``history``'s),
-        and the images of those turns when the model sees images."""
+        and the images of those turns when the model sees images; ``recall`` is the thread's, when it
+        was read already for this budget."""
         if history is None:
-            recall = await self._recall(incoming, question, budget)
+            if recall is None:
+                recall = await self._recall(incoming, question, budget)
             context = build_context(
                 persona.system_prompt,
                 recall.turns,

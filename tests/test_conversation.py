@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -27,6 +28,7 @@ from bot.domain import (
     Job,
     Persona,
     Picture,
+    Recall,
     Role,
     Shortcut,
     ShortcutKind,
@@ -35,7 +37,7 @@ from bot.domain import (
     ThreadKey,
     Turn,
 )
-from bot.errors import ModelError, ModelErrorKind
+from bot.errors import HistoryError, ModelError, ModelErrorKind
 from tests.memory import (
     BOT_USER_ID,
     MemoryHistory,
@@ -527,6 +529,93 @@ async def test_a_retried_job_stores_its_question_once_and_rewrites_its_earlier_m
     retry = pipe.slack.replies[1]
     assert (retry.log.attempt, retry.log.parts) == (2, ("100.5",))
     assert retry.methods[-1] == "finish"
+
+
+class SlowStoreHistory(MemoryHistory):
+    """Stores a question only once ``release`` is set, then fails if ``error`` is given."""
+
+    def __init__(self, error: HistoryError | None = None) -> None:
+        super().__init__()
+        self.release, self.error = asyncio.Event(), error
+
+    async def store_question(self, key: ThreadKey, job_id: str, turn: Turn) -> None:
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        await super().store_question(key, job_id, turn)
+
+
+async def test_the_model_is_asked_while_the_question_is_stored_and_nothing_shows_before_it_is() -> None:
+    pipe = make_pipeline()
+    pipe.responder.history = history = SlowStoreHistory()
+    pipe.model.answer("the ", "answer")
+    message = incoming("100.1")
+
+    answering = asyncio.create_task(pipe.responder.respond(job(message)))
+
+    async def model_asked() -> None:
+        while not pipe.model.calls:  # noqa: ASYNC110 (the scripted model signals nothing)
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(model_asked(), 5)  # before the store is let through
+    for _ in range(10):  # the model's first words are in; the reply waits for the store
+        await asyncio.sleep(0)
+    [reply] = pipe.slack.replies
+    assert reply.events == [("thinking", None)]
+    assert history.turns[message.key] == []
+
+    history.release.set()
+    await answering
+    assert reply.methods == ["thinking", "append", "append", "finish"]
+    assert [t.role for t in history.turns[message.key]] == ["user", "assistant"]
+
+
+async def test_a_question_that_cannot_be_stored_fails_the_attempt_before_anything_is_written() -> None:
+    pipe = make_pipeline()
+    pipe.responder.history = history = SlowStoreHistory(HistoryError("storing a question: down"))
+    history.release.set()
+    pipe.model.answer("the answer")
+    message = incoming("100.1")
+
+    with pytest.raises(HistoryError):
+        await pipe.responder.respond(job(message))
+
+    [reply] = pipe.slack.replies
+    assert reply.events == [("thinking", None)]  # no text: the retry answers, once
+    assert history.turns[message.key] == []
+
+
+class RecallSignals(MemoryHistory):
+    def __init__(self) -> None:
+        super().__init__()
+        self.recalled = asyncio.Event()
+
+    async def recall(self, key: ThreadKey, token_budget: int, *, without_ts: str = "") -> Recall:
+        self.recalled.set()
+        return await super().recall(key, token_budget, without_ts=without_ts)
+
+
+class PersonasAfterRecall(StaticPersonas):
+    """Resolves only once the thread's recall has begun: the two reads must be under way together."""
+
+    def __init__(self, history: RecallSignals) -> None:
+        super().__init__(DEFAULT)
+        self.history = history
+
+    async def resolve(self, key: ThreadKey, requested: str | None = None, *, pin: bool = True) -> Persona:
+        await asyncio.wait_for(self.history.recalled.wait(), 5)
+        return await super().resolve(key, requested, pin=pin)
+
+
+async def test_the_persona_and_the_thread_are_read_side_by_side() -> None:
+    pipe = make_pipeline()
+    pipe.responder.history = history = RecallSignals()
+    pipe.responder.personas = PersonasAfterRecall(history)
+    pipe.model.answer("the answer")
+
+    await pipe.responder.respond(job(incoming("100.1")))
+
+    assert pipe.slack.replies[0].methods == ["thinking", "append", "finish"]
 
 
 async def test_a_job_found_answered_is_not_answered_again(pipe: Pipeline) -> None:

@@ -225,8 +225,9 @@ async def test_a_reply_waiting_for_its_thread_tries_again_within_milliseconds_th
 
     gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
     # A follow-up usually finds its thread a round trip or two from release: the first retry comes
-    # after a millisecond, not the 10 ms a held thread is then polled at.
-    assert gaps[0] < 0.005
+    # after a millisecond, not the 10 ms a held thread is then polled at. The first three retries
+    # come 1, 2 and 4 ms apart (7 ms), where polling every 10 ms takes 30: a margin for a busy machine.
+    assert sum(gaps[:3]) < 0.02
     assert min(gaps[5:]) >= 0.008
     assert 20 <= len(tries) <= 40  # 0.3 s of a held thread
     assert await redis_client.get(lock_key) == "another reply's token"  # untouched by the waiter
