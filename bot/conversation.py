@@ -307,20 +307,19 @@ def _shrink(counter: TokenCounter, role: str, content: str, max_message_tokens: 
     return counter.truncate(content, max(max_message_tokens - overhead, 0))
 
 
-def _quietly(store: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    """``store`` under way; its failure is raised where it is awaited, and never logged as unretrieved
-    when the reply failed first for another reason (the attempt fails either way)."""
-    task = asyncio.create_task(store)
-    task.add_done_callback(lambda done: done.cancelled() or done.exception())
-    return task
-
-
 class _AfterStored:
     """A reply that writes nothing in the thread until its question is stored: a store that fails
     fails the attempt before anything shows, and the answer is always stored after its question."""
 
-    def __init__(self, reply: ReplyStream, stored: asyncio.Task[None]) -> None:
-        self._reply, self._stored = reply, stored
+    def __init__(self, reply: ReplyStream, store: Coroutine[Any, Any, None]) -> None:
+        self._reply = reply
+        self._stored = asyncio.create_task(store)
+        # Raised where it is awaited; never logged as unretrieved when the reply failed first.
+        self._stored.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def settled(self) -> None:
+        """Wait for the store however it ends: the thread is never let go with it under way."""
+        await asyncio.wait({self._stored})
 
     async def thinking(self, title: str | None = None) -> None:
         await self._reply.thinking(title)  # a status is not part of the thread
@@ -409,13 +408,18 @@ class Responder:
                 if not check.allowed:
                     await reply.notice(f":warning: {check.message}")
                     return None
+                stored_first = None
                 if not progress.question_stored:
                     # Stored while the model request goes out; nothing is written in the thread before it is.
-                    reply = _AfterStored(
-                        reply, _quietly(self.history.store_question(incoming.key, job.id, question))
+                    reply = stored_first = _AfterStored(
+                        reply, self.history.store_question(incoming.key, job.id, question)
                     )
                 prelude = self._prelude(requested, persona, question, pictures, excerpt)
-                spent = await self._reply(job, reply, persona, question, context, check, prelude, hold)
+                try:
+                    spent = await self._reply(job, reply, persona, question, context, check, prelude, hold)
+                finally:
+                    if stored_first is not None:
+                        await stored_first.settled()
         finally:
             # Usage needs no thread lock: recorded after it, so a follow-up does not wait on it.
             await self._account(incoming, check, spent)
