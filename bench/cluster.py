@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import answer
-from bench.live import Conversations, LiveBot, percentile, replies_per_second
+from bench.live import Conversations, LiveBot, model_beyond_nominal, overheads, percentile, replies_per_second
 from bot.tokens import TiktokenCounter
 from tests.fake_model import Reply
 from tests.procs import PrivateRedisCluster
@@ -39,7 +39,8 @@ async def run(redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: b
                 bot.model.default_reply = Reply(
                     text=answer(random.Random(5)), chunk_size=40, first_token_delay=1.0
                 )
-                samples = await Conversations(bot).steady(counter, "CK", concurrency, turns, 1.0)
+                replies = await Conversations(bot).steady(counter, "CK", concurrency, turns, 1.0)
+            samples = overheads(replies)
             rows.append(
                 {
                     "scenario": "10. redis cluster",
@@ -49,6 +50,7 @@ async def run(redis_url: str, prefix: str, counter: TiktokenCounter, *, quick: b
                     "cpu_ms_redis": rate.cpu_ms_redis,
                     f"overhead_p50_ms_{concurrency}_steady": round(percentile(samples, 0.5) * 1000, 2),
                     f"overhead_p99_ms_{concurrency}_steady": round(percentile(samples, 0.99) * 1000, 2),
+                    **model_beyond_nominal(replies),
                     "goal": "reported beside each other",
                     "met": None,
                 }

@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.corpus import answer
-from bench.live import Conversations, LiveBot, percentile, replies_per_second
+from bench.live import (
+    Conversations,
+    LiveBot,
+    model_beyond_nominal,
+    overheads,
+    percentile,
+    replies_per_second,
+)
 from bot.tokens import TiktokenCounter
 from tests.fake_model import Reply
 
@@ -90,7 +97,8 @@ async def scaling(
                 text=answer(random.Random(5)), chunk_size=40, first_token_delay=1.0
             )
             # Follow-ups mention the bot: the bot before the queue kept participation elsewhere.
-            samples = await Conversations(bot, mention=True).steady(counter, "CS", concurrency, turns, 1.0)
+            replies = await Conversations(bot, mention=True).steady(counter, "CS", concurrency, turns, 1.0)
+        samples = overheads(replies)
         if source is None:  # the ratio and the ceiling below are this bot's, whatever ran before it
             rates[args] = throughput.replies_per_s
             spent[args] = throughput.cpu_ms_total
@@ -105,6 +113,7 @@ async def scaling(
                 "cpu_ms_per_reply_redis": throughput.cpu_ms_redis,
                 f"overhead_p50_ms_at_{concurrency}": round(percentile(samples, 0.5) * 1000, 2),
                 f"overhead_p99_ms_at_{concurrency}": round(percentile(samples, 0.99) * 1000, 2),
+                **model_beyond_nominal(replies),
                 "goal": OVERHEAD_GOAL if args else "reported",
                 "met": overhead_met(samples) if args and source is None and not quick else None,
             }

@@ -80,6 +80,10 @@ class FakeModel:
         self.transcript = "a transcript"  # what POST /v1/audio/transcriptions answers
         self.transcriptions: list[dict[str, Any]] = []  # their form fields (the file as its size)
         self.first_content_at: dict[int, float] = {}  # request number -> monotonic time of its first delta
+        # request number -> (monotonic) when it arrived and when its stream's last event was sent: the
+        # model's own time, which the bench takes out of a reply's overhead.
+        self.arrived_at: dict[int, float] = {}
+        self.done_at: dict[int, float] = {}
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -125,11 +129,13 @@ class FakeModel:
     # --- handlers -------------------------------------------------------------------------------
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.monotonic()
         body: dict[str, Any] = await request.json()
         self.requests.append(body)
         self.request_headers.append({name.lower(): value for name, value in request.headers.items()})
         self.request_paths.append(request.path_qs)
         number = len(self.requests)
+        self.arrived_at[number] = arrived
         reply = self._queue.popleft() if self._queue else self.default_reply or Reply(text=f"answer {number}")
         headers = {"x-request-id": f"req_fake_{number}", **reply.headers}
 
@@ -202,6 +208,7 @@ class FakeModel:
             if include_usage and reply.usage:
                 tokens = usage(prompt_tokens, reply.completion_tokens or len(deltas))
                 await send({**base, "object": "chat.completion.chunk", "choices": [], "usage": tokens})
+            self.done_at[number] = time.monotonic()
             await send("[DONE]")
             await response.write_eof()
         except ConnectionError:
