@@ -2,7 +2,8 @@
 
 The bench process runs the fake Slack and the fake model of the tests; the bot runs as its own process
 (so its peak RSS is its own) against them and the same Redis. Times are taken by the fakes: when an
-event envelope leaves the fake Slack, when a Slack call arrives, when the model sends its first token.
+event envelope leaves the fake Slack, when a Slack call arrives, when a model request arrives, when the
+model sends its first token and its stream's last event.
 """
 
 from __future__ import annotations
